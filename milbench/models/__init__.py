@@ -1,0 +1,1 @@
+"""Model zoo: one module per model (or family), built from blocks.py."""
