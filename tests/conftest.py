@@ -36,3 +36,18 @@ def nested_bag(n5: int = 4, in_dim: int = 32, seed: int = 0, signal: np.ndarray 
 @pytest.fixture
 def tiny_bag() -> Bag:
     return nested_bag(n5=4, in_dim=32)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small synthetic cohort on disk in the CLAM layout (20 patients, tiny bags, width 16)."""
+    from milbench.synthetic import generate_cohort
+
+    return generate_cohort(tmp_path_factory.mktemp("synth"), "coarse", patients=20, seed=0, size=0.25, in_dim=16)
+
+
+@pytest.fixture
+def synth_cohort(synth_dir):
+    from milbench.tasks.cohort import resolve_cohort
+
+    return resolve_cohort(str(synth_dir / "cohort.csv"), splits=synth_dir / "splits", features=synth_dir / "features")

@@ -1,0 +1,60 @@
+import numpy as np
+import pandas as pd
+import pytest
+from sksurv.metrics import concordance_index_censored
+
+from milbench import MilbenchError
+from milbench import leaderboard as lb
+from milbench.config import make_config
+from milbench.store import clean_stale, fold_dir, is_complete, iter_folds, write_fold
+
+
+def _fake_fold(runs, cfg, fold, seed):
+    rng = np.random.default_rng(seed)
+    n = 30
+    pred = pd.DataFrame({"case_id": [f"c{i}" for i in range(n)], "time": rng.uniform(1, 50, n),
+                         "event": rng.integers(0, 2, n), "risk": rng.normal(size=n), "fold": fold})
+    pred.loc[0, "event"] = 1
+    record = {"protocol": cfg.protocol, "cohort": cfg.cohort, "backbone": cfg.backbone, "model": cfg.model,
+              "config_hash": cfg.hash, "fold": fold, "config": cfg.to_dict(), "metrics": {"c_index": 0.99}}
+    write_fold(runs, cfg, fold, record, pred)
+    return concordance_index_censored(pred.event.astype(bool), pred.time, pred.risk)[0]
+
+
+def test_write_is_atomic_and_complete(tmp_path):
+    cfg = make_config("amil", "syn", "small")
+    (fold_dir(tmp_path, cfg, 0).parent / ".tmp-fold_0-1").mkdir(parents=True)
+    assert not is_complete(tmp_path, cfg, 0)
+    _fake_fold(tmp_path, cfg, 0, 0)
+    assert is_complete(tmp_path, cfg, 0)
+    clean_stale(tmp_path, cfg)
+    assert not list(tmp_path.rglob(".tmp-*"))
+    assert [f.record["fold"] for f in iter_folds(tmp_path)] == [0]
+
+
+def test_corrupt_record_is_named(tmp_path):
+    cfg = make_config("amil", "syn", "small")
+    _fake_fold(tmp_path, cfg, 0, 0)
+    (fold_dir(tmp_path, cfg, 0) / "record.json").write_text("{oops")
+    with pytest.raises(MilbenchError, match="record.json is not valid JSON"):
+        list(iter_folds(tmp_path))
+
+
+def test_leaderboard_recomputes_from_predictions(tmp_path):
+    cfg = make_config("amil", "syn", "small")
+    cs = [_fake_fold(tmp_path, cfg, f, f) for f in range(3)]
+    other = make_config("amil", "syn", "small", {"protocol": "best-val"})
+    _fake_fold(tmp_path, other, 0, 9)
+    table = lb.summary(lb.fold_table(tmp_path))
+    fixed = table[table.protocol == "fixed"].iloc[0]
+    assert fixed["mean"] == pytest.approx(np.mean(cs)) and fixed["std"] == pytest.approx(np.std(cs, ddof=1))
+    assert fixed.folds == 3 and len(table) == 2  # protocols never pooled
+    md = lb.to_markdown(table)
+    assert "protocol: best-val" in md and "protocol: fixed" in md and "0.990" not in md
+
+
+def test_empty_store_is_a_clear_error(tmp_path):
+    with pytest.raises(MilbenchError, match="no completed folds"):
+        lb.fold_table(tmp_path)
+    with pytest.raises(MilbenchError, match="does not exist"):
+        lb.fold_table(tmp_path / "missing")
