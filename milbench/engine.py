@@ -113,6 +113,13 @@ def _sample_order(labels: _Labels, sampler: str, gen: torch.Generator) -> list[i
     return torch.multinomial(torch.tensor(weights), n, replacement=True, generator=gen).tolist()
 
 
+def _selection_score(labels: _Labels, risk: np.ndarray) -> float:
+    """Harrell's C on the selection set, NaN when it has no event (a tiny inner split can have none)."""
+    if labels.event.sum() == 0:
+        return float("nan")
+    return harrell_c(labels.time, labels.event, risk)
+
+
 def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
              cache: FeatureCache | None = None, progress: ProgressFn | None = None) -> FoldResult:
     """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients."""
@@ -145,6 +152,9 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     if hasattr(model, "fit_priors"):
         model.fit_priors([_to_device(fit_data[i], dev) for i in range(len(fit_data))])
     loss_fn = get_loss(cfg.loss, alpha=cfg.alpha)
+    if loss_fn.needs_batch:
+        raise milbench.MilbenchError(f"loss '{cfg.loss}' needs several patients per step and the engine trains one "
+                                     "bag per step: use loss=nll or loss=ce")
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + fold)
     y_all = torch.as_tensor(fitting.bins, dtype=torch.long)
@@ -178,9 +188,9 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         entry = {"epoch": epoch, "train_loss": float(total) / max(1, len(order))}
         if select_data is not None and epoch >= cfg.warmup_epochs:
             risk, _ = _risk(predict(model, select_data, dev))
-            score = harrell_c(select_labels.time, select_labels.event, risk)
+            score = _selection_score(select_labels, risk)
             entry["selection_c_index"] = score
-            if score > best["score"]:
+            if score > best["score"]:  # NaN (no comparable pair) never wins: the last epoch is kept
                 best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         history.append(entry)
         if progress:
