@@ -167,20 +167,12 @@ _add_subcommands()
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2, without a traceback."""
-    import click
-
+    """Entry point: user errors print one line and exit 2, without a traceback (usage errors exit 2 too)."""
     try:
-        rc = app(standalone_mode=False)
+        app()
     except MilbenchError as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.ClickException as err:  # usage errors (bad flag, missing option)
-        err.show()
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

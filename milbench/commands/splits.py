@@ -1,0 +1,97 @@
+"""`milbench splits import` and `milbench splits audit`: thin commands over milbench.tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from milbench import MilbenchError
+from milbench.tasks import audit as audit_lib
+from milbench.tasks.splits_import import import_cohorts
+from milbench.tasks.tcga import SPLITS_DIR
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Import and audit the fixed TCGA splits.")
+console = Console()
+STYLE = {"error": "bold red", "warning": "yellow", "anomaly": "magenta", "info": "cyan", "ok": "green"}
+SHOWN_IDS = 5
+
+
+@app.command("import")
+def import_(
+    source: Path = typer.Option(Path("../shared/tcga"), help="Folder with the reference files (shared/tcga)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: the package's milbench/splits)."),
+    cohort: list[str] = typer.Option([], "--cohort", help="Cohort to import, e.g. blca; repeat (default: all)."),
+) -> None:
+    """Write tcga_<cohort>.csv and its provenance sidecar from the reference split files and clinical tables."""
+    for result in import_cohorts(cohort, source, out or SPLITS_DIR):
+        console.print(f"[green]wrote[/] {result.table} ({result.patients} patients, {result.slides} slides, "
+                      f"{result.never_held_out} never held out) and {result.sidecar.name}")
+        for finding in result.anomalies:
+            if finding.check != "README":
+                console.print(f"  [{STYLE[finding.level]}]{finding.level}[/] {finding.check}: {finding.message}",
+                              highlight=False)
+
+
+@app.command()
+def audit(
+    cohort: Optional[str] = typer.Argument(None, help="A shipped cohort, e.g. tcga_blca or blca."),
+    table: Optional[Path] = typer.Option(None, help="A split table (with a fold column), or a cohort table."),
+    splits: Optional[Path] = typer.Option(None, help="CLAM splits folder (splits_k.csv: train, val) for --table."),
+) -> None:
+    """Check a cohort's folds; exit 1 on a defect, 0 when only warnings and known anomalies remain."""
+    if (cohort is None) == (table is None):
+        raise MilbenchError("give either a shipped COHORT or --table T.csv (with --splits DIR for a cohort table)")
+    if splits is not None and table is None:
+        raise MilbenchError("--splits needs --table: the cohort table that the split files refer to")
+    report = audit_lib.audit_cohort(cohort) if cohort else audit_lib.audit_files(table, splits)
+    _print_report(report)
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def _detail(finding: audit_lib.Finding) -> str:
+    ids = ", ".join(finding.ids[:SHOWN_IDS]) + (f", ... (+{len(finding.ids) - SHOWN_IDS})"
+                                                if len(finding.ids) > SHOWN_IDS else "")
+    return finding.message + (f": {ids}" if ids else "")
+
+
+def _percent(x: float) -> str:
+    return "-" if x != x else f"{x:.0%}"
+
+
+def _findings_table(title: str, findings: list[audit_lib.Finding]) -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in ("status", "check", "detail"):
+        table.add_column(col, overflow="fold")
+    for f in sorted(findings, key=lambda f: audit_lib.LEVELS.index(f.level)):
+        table.add_row(f"[{STYLE[f.level]}]{f.level}[/]", f.check, _detail(f))
+    return table
+
+
+def _print_report(report: audit_lib.AuditReport) -> None:
+    console.print(f"[bold]{report.name}[/]: {report.patients} patients, {report.slides} slides, "
+                  f"{len(report.folds)} folds")
+    console.print(_findings_table("checks", report.findings))
+    folds = Table(title="held-out folds (patients unless noted)")
+    for col in ("fold", "train", "held-out", "slides train / held-out", "events held-out", "sites held-out",
+                "sites also in train", "held-out at shared sites", "bin inner edges (train, months)"):
+        folds.add_column(col, overflow="fold")
+    for _, r in report.folds.iterrows():
+        folds.add_row(str(r["fold"]), str(r["train patients"]), str(r["held-out patients"]),
+                      f"{r['train slides']} / {r['held-out slides']}", str(r["held-out events"]),
+                      str(r["held-out sites"]), str(r["sites also in train"]),
+                      _percent(r["held-out patients at shared sites"]), ", ".join(f"{e:g}" for e in r["inner edges"]))
+    console.print(folds)
+    live = {f.check for f in report.findings}
+    recorded = [f for f in report.recorded if f.check not in live]
+    if recorded:
+        console.print(_findings_table("recorded at import (sidecar)", recorded))
+    counts = {lvl: sum(f.level == lvl for f in report.findings + recorded) for lvl in ("warning", "anomaly")}
+    if report.errors:
+        console.print(f"[bold red]audit failed[/]: {len(report.errors)} defect(s)")
+    else:
+        console.print(f"[green]audit passed[/] ({counts['warning']} warning(s), {counts['anomaly']} known anomalies)")
