@@ -44,6 +44,7 @@ def run(
     runs_dir: Path = typer.Option(Path("runs"), help="Run store."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     exclude_missing: bool = typer.Option(False, help="Drop slides without feature files (listed in the record)."),
+    save_checkpoints: bool = typer.Option(False, help="Keep each fold's model weights (for attention heatmaps)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option: key=value."),
 ) -> None:
     """Cross-validate models on a cohort; completed folds are skipped, each fold's record is stored."""
@@ -63,7 +64,7 @@ def run(
     jobs, skipped = plan(the_cohort, configs, _folds(folds), runs_dir)
     console.print(f"cohort [bold]{the_cohort.name}[/]: {len(the_cohort.patients)} patients, recipe {recipe}, "
                   f"protocol {protocol}; {len(jobs)} fold(s) to run, {skipped} already complete in {runs_dir}")
-    run_local(the_cohort, jobs, runs_dir, device=device, console=console)
+    run_local(the_cohort, jobs, runs_dir, device=device, console=console, save_checkpoints=save_checkpoints)
     _print_leaderboard(runs_dir, cohorts={the_cohort.name}, models=set(model))
 
 

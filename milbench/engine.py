@@ -39,6 +39,7 @@ ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 class FoldResult:
     record: dict[str, Any]
     predictions: pd.DataFrame
+    state_dict: dict[str, torch.Tensor] | None = None  # the scored model's weights, kept when asked
 
 
 def resolve_device(device: str) -> torch.device:
@@ -121,7 +122,8 @@ def _selection_score(labels: _Labels, risk: np.ndarray) -> float:
 
 
 def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
-             cache: FeatureCache | None = None, progress: ProgressFn | None = None) -> FoldResult:
+             cache: FeatureCache | None = None, progress: ProgressFn | None = None,
+             keep_weights: bool = False) -> FoldResult:
     """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients."""
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -226,7 +228,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         "excluded_slides": list(getattr(cohort, "excluded", []) or []),
         "environment": environment(dev),
     }
-    return FoldResult(record, predictions)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()} if keep_weights else None
+    return FoldResult(record, predictions, weights)
 
 
 def _peak_memory(dev: torch.device) -> int:

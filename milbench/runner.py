@@ -45,7 +45,7 @@ def plan(cohort: Cohort, configs: list[RunConfig], folds: list[int] | None, runs
 
 
 def run_local(cohort: Cohort, jobs: list[FoldJob], runs_dir: Path, device: str = "auto",
-              console: Console | None = None) -> list[dict[str, Any]]:
+              console: Console | None = None, save_checkpoints: bool = False) -> list[dict[str, Any]]:
     """Run fold jobs one after another in this process, writing each record as soon as its fold is done."""
     console = console or Console()
     cache = FeatureCache()
@@ -62,8 +62,9 @@ def run_local(cohort: Cohort, jobs: list[FoldJob], runs_dir: Path, device: str =
 
         for job in jobs:
             bars.update(folds_bar, description=f"{job.cfg.model} fold {job.fold}")
-            result = fit_fold(cohort, job.cfg, job.fold, device=device, cache=cache, progress=on_progress)
-            write_fold(runs_dir, job.cfg, job.fold, result.record, result.predictions)
+            result = fit_fold(cohort, job.cfg, job.fold, device=device, cache=cache, progress=on_progress,
+                              keep_weights=save_checkpoints)
+            write_fold(runs_dir, job.cfg, job.fold, result.record, result.predictions, result.state_dict)
             m = result.record["metrics"]
             oracle = f"  oracle C {m['oracle_c_index']:.3f}" if "oracle_c_index" in m else ""
             console.print(f"[bold]{job.cfg.model}[/] fold {job.fold}: C-index {m['c_index']:.3f}{oracle}"

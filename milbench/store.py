@@ -15,9 +15,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
+import torch
 
 from milbench import MilbenchError
 from milbench.config import RunConfig
+
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def run_dir(runs_dir: Path, cfg: RunConfig) -> Path:
@@ -32,8 +36,10 @@ def is_complete(runs_dir: Path, cfg: RunConfig, fold: int) -> bool:
     return (fold_dir(runs_dir, cfg, fold) / "record.json").is_file()
 
 
-def write_fold(runs_dir: Path, cfg: RunConfig, fold: int, record: dict[str, Any], predictions: pd.DataFrame) -> Path:
-    """Write record and predictions into a temporary folder, then move it into place in one step."""
+def write_fold(runs_dir: Path, cfg: RunConfig, fold: int, record: dict[str, Any], predictions: pd.DataFrame,
+               state_dict: dict[str, Any] | None = None) -> Path:
+    """Write record, predictions (and the model's weights when given) into a temporary folder, then move it
+    into place in one step."""
     final = fold_dir(runs_dir, cfg, fold)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-fold_{fold}-{os.getpid()}"
@@ -41,6 +47,8 @@ def write_fold(runs_dir: Path, cfg: RunConfig, fold: int, record: dict[str, Any]
         shutil.rmtree(tmp)
     tmp.mkdir()
     predictions.to_csv(tmp / "predictions.csv", index=False)
+    if state_dict is not None:
+        torch.save(state_dict, tmp / CHECKPOINT)
     with open(tmp / "record.json", "w") as fh:
         json.dump(record, fh, indent=2, sort_keys=True, default=_jsonable)
         fh.flush()
@@ -77,6 +85,13 @@ class StoredFold:
     @property
     def predictions(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "predictions.csv", dtype={"case_id": str})
+
+    def load_weights(self) -> dict[str, Any]:
+        """The fold's model weights, stored when the run used --save-checkpoints."""
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            raise MilbenchError(f"{self.path} has no {CHECKPOINT}: rerun that fold with --save-checkpoints")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def iter_folds(runs_dir: Path) -> Iterator[StoredFold]:
