@@ -59,8 +59,8 @@ def run(
     overrides = {"epochs": epochs, "lr": lr, "protocol": protocol, "seed": seed, "bins_on": bins_on,
                  "backbone": backbone or "default", **parse_set(set_)}
     configs = [make_config(m, the_cohort.name, recipe, overrides) for m in model]
-    for cfg in configs:  # fail on a bad model name before reading any slide
-        get_card(cfg.model)
+    scales = sorted({s for cfg in configs for s in get_card(cfg.model).scales})  # bad model names fail here
+    the_cohort.check_features(scales)  # every missing feature file is reported before any training
     jobs, skipped = plan(the_cohort, configs, _folds(folds), runs_dir)
     console.print(f"cohort [bold]{the_cohort.name}[/]: {len(the_cohort.patients)} patients, recipe {recipe}, "
                   f"protocol {protocol}; {len(jobs)} fold(s) to run, {skipped} already complete in {runs_dir}")
