@@ -175,9 +175,11 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         for step, i in enumerate(order, start=1):
             bag = _to_device(fit_data[i], dev)
             with _autocast(dev):
-                out = model(bag)
+                out, tasks = model.forward_tasks(bag) if hasattr(model, "forward_tasks") else (model(bag), {})
             y, c = y_all[i : i + 1].to(dev), c_all[i : i + 1].to(dev)
             loss = loss_fn(out.logits.float(), y, c)
+            for task_logits in tasks.values():  # auxiliary heads trained on the same target (MuSTMIL's scales)
+                loss = loss + loss_fn(task_logits.float(), y, c)
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss.float()
             (loss / cfg.grad_accum).backward()

@@ -16,18 +16,22 @@ import torch.nn as nn
 
 from milbench import MilbenchError
 
-BUILTIN_MODULES = (
-    "milbench.models.amil",
-    "milbench.models.dsmil",
-    "milbench.models.transmil",
-    "milbench.models.graph_mil",
-    "milbench.models.scmil",
-    "milbench.models.protosurv",
-    "milbench.models.crossfusion",
-    "milbench.models.zoommil",
-    "milbench.models.mustmil",
-    "milbench.models.csmil",
-)
+# Built-in model name -> module, so naming one model imports only its module (torch-geometric alone takes seconds).
+BUILTIN_MODULES = {
+    "amil": "milbench.models.amil",
+    "dsmil": "milbench.models.dsmil",
+    "transmil": "milbench.models.transmil",
+    "deepgraphsurv": "milbench.models.graph_mil",
+    "patchgcn": "milbench.models.graph_mil",
+    "scmil": "milbench.models.scmil",
+    "protosurv": "milbench.models.protosurv",
+    "crossfusion": "milbench.models.crossfusion",
+    "crossfusion_concat": "milbench.models.crossfusion",
+    "crossfusion_single": "milbench.models.crossfusion",
+    "zoommil": "milbench.models.zoommil",
+    "mustmil": "milbench.models.mustmil",
+    "csmil": "milbench.models.csmil",
+}
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,8 @@ def _load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    for mod in BUILTIN_MODULES:
-        try:
-            import_module(mod)
-        except ModuleNotFoundError as err:  # a family not written yet
-            if err.name != mod:
-                raise
+    for mod in dict.fromkeys(BUILTIN_MODULES.values()):
+        import_module(mod)
     for ep in entry_points(group="milbench.models"):
         obj = ep.load()
         if inspect.isclass(obj) and ep.name not in _REGISTRY:
@@ -96,11 +96,15 @@ def _load_all() -> None:
 def list_models() -> list[ModelCard]:
     """Cards of every registered model, built-ins first then plug-ins, in registration order."""
     _load_all()
-    return [e.card for e in _REGISTRY.values()]
+    order = {name: i for i, name in enumerate(BUILTIN_MODULES)}
+    return [e.card for _, e in sorted(_REGISTRY.items(), key=lambda kv: order.get(kv[0], len(order)))]
 
 
 def get_card(name: str) -> ModelCard:
-    _load_all()
+    if name in BUILTIN_MODULES:
+        import_module(BUILTIN_MODULES[name])
+    if name not in _REGISTRY:
+        _load_all()
     if name not in _REGISTRY:
         raise MilbenchError(f"unknown model '{name}': choose one of {', '.join(sorted(_REGISTRY))} (see `milbench models`)")
     return _REGISTRY[name].card

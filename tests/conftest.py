@@ -51,3 +51,8 @@ def synth_cohort(synth_dir):
     from milbench.tasks.cohort import resolve_cohort
 
     return resolve_cohort(str(synth_dir / "cohort.csv"), splits=synth_dir / "splits", features=synth_dir / "features")
+
+
+def pytest_configure(config):
+    """One torch thread per test process: tiny bags gain nothing from threads, and 2 shared cores thrash."""
+    torch.set_num_threads(1)

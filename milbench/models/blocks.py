@@ -112,8 +112,8 @@ class MultiheadSDPA(nn.Module):
     """Multi-head attention with separate q/k/v projections on ``scaled_dot_product_attention``.
 
     ``attn_dropout`` applies while training; ``dropout_in_eval=True`` reproduces the CrossFusion reference, which
-    keeps it on in eval. ``need_weights`` returns the head-averaged attention of the first query token (or of all
-    queries averaged over keys, see ``weights_of``) computed in chunks, so heatmaps do not cost N^2 memory.
+    keeps it on in eval. ``need_weights`` also returns the attention each key receives (averaged over heads and
+    queries, see :func:`key_attention`), computed in chunks so heatmaps never cost N^2 memory.
     """
 
     def __init__(
@@ -150,9 +150,10 @@ class MultiheadSDPA(nn.Module):
 
 
 @torch.no_grad()
-def key_attention(q: torch.Tensor, k: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Mean attention each key receives, over heads and queries, computed in query chunks: [B, Nk]."""
+def key_attention(q: torch.Tensor, k: torch.Tensor, max_scores: int = 2**26) -> torch.Tensor:
+    """Mean attention each key receives, over heads and queries, in query chunks of at most ``max_scores`` scores."""
     b, h, nq, dh = q.shape
+    chunk = max(1, max_scores // (b * h * k.shape[2]))
     total = torch.zeros(b, k.shape[2], device=q.device, dtype=torch.float32)
     for s in range(0, nq, chunk):
         att = torch.softmax((q[:, :, s : s + chunk].float() @ k.float().transpose(-1, -2)) / math.sqrt(dh), dim=-1)
@@ -185,3 +186,179 @@ def square_pad(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
     if extra:  # side^2 - N < N for every N >= 1, so the first tokens always suffice
         tokens = torch.cat([tokens, tokens[:, :extra]], dim=1)
     return tokens, side
+
+
+class FeedForward(nn.Sequential):
+    """Transformer feed-forward: Linear(d->hidden) -> GELU -> Dropout -> Linear(hidden->d) -> Dropout."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
+
+
+def fold_square_pad(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Undo ``square_pad`` on per-token weights [B, side^2] -> [B, n]: each re-appended copy adds to its original."""
+    extra = weights.shape[-1] - n
+    out = weights[..., :n].clone()
+    out[..., :extra] += weights[..., n:]
+    return out
+
+
+class AdditiveAttention(nn.Module):
+    """Ilse et al.'s non-gated attention scorer: score_i = W act(V h_i) -> [N] (or [N, n_heads]); MuSTMIL, CS-MIL."""
+
+    def __init__(self, dim: int, hidden: int, n_heads: int = 1, act: type[nn.Module] = nn.Tanh) -> None:
+        super().__init__()
+        self.attn_v = nn.Linear(dim, hidden)
+        self.act = act()
+        self.attn_w = nn.Linear(hidden, n_heads)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        s = self.attn_w(self.act(self.attn_v(h)))
+        return s.squeeze(-1) if s.shape[-1] == 1 else s
+
+
+class _PerturbedTopK(torch.autograd.Function):
+    """Perturbed maximum (Berthet et al. 2020) of the top-k indicator, as ZoomMIL uses it.
+
+    Forward: mean over ``n`` Gaussian perturbations of the one-hot top-k indicator [k, N] (rows = the selected
+    indices in increasing order). Backward: the Monte-Carlo estimate E[indicator * noise] / sigma, which only needs
+    each sample's k indices and its noise (O(n N) memory, not the [n, k, N] one-hot tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: int, n: int, sigma: float) -> torch.Tensor:
+        noise = torch.randn(n, scores.shape[0], device=scores.device, dtype=scores.dtype)
+        idx = torch.topk(scores + sigma * noise, k, dim=-1).indices.sort(dim=-1).values  # [n, k]
+        indicator = torch.zeros(k, scores.shape[0], device=scores.device, dtype=scores.dtype)
+        indicator.scatter_add_(1, idx.T, torch.full((k, n), 1.0 / n, device=scores.device, dtype=scores.dtype))
+        ctx.save_for_backward(idx, noise)
+        ctx.sigma = sigma
+        return indicator
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        idx, noise = ctx.saved_tensors
+        per_sample = grad.gather(1, idx.T).sum(0)  # <grad, one-hot of sample s> -> [n]
+        return noise.T @ per_sample / (noise.shape[0] * ctx.sigma), None, None, None
+
+
+def perturbed_topk(scores: torch.Tensor, k: int, n_samples: int = 100, sigma: float = 0.002,
+                   differentiable: bool = True) -> torch.Tensor:
+    """Selection matrix [k, N] of the top-k of ``scores`` [N], indices in increasing order (ZoomMIL's zoom step).
+
+    ``differentiable=True`` (training): the perturbed top-k, a soft average of one-hot rows with a gradient.
+    ``differentiable=False`` (eval): the hard, deterministic one-hot top-k.
+    """
+    k = min(k, scores.shape[0])
+    if differentiable:
+        return _PerturbedTopK.apply(scores.float(), k, n_samples, sigma)
+    idx = torch.topk(scores.detach().float(), k).indices.sort().values
+    return F.one_hot(idx, scores.shape[0]).float()
+
+
+def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of square ``a`` [..., m, m] by the Nystromformer's cubic iteration.
+
+    Starts from a^T / (max row sum * max column sum), both maxima taken over the whole tensor (all heads).
+    """
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    z = a.transpose(-1, -2) / (a.abs().sum(-1).max() * a.abs().sum(-2).max())
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+class NystromAttention(nn.Module):
+    """Nystrom self-attention (Xiong et al. 2021) as TransMIL uses it, O(N m d) for m landmarks.
+
+    The sequence is zero-padded on the left to a multiple of m; landmarks are segment means of q and k;
+    softmax(q k^T) ~ softmax(q k_l^T) pinv(softmax(q_l k_l^T)) softmax(q_l k^T); a depthwise conv over the
+    sequence (per head) adds a residual on the values. Both N x m softmax products run in
+    scaled_dot_product_attention; only the m x m kernel and its pseudo-inverse are formed (in float32).
+    ``slicing="last"`` returns the last N rows (nystrom-attention >= 0.0.12, the CrossFusion repository);
+    ``"first"`` returns the first N rows, as nystrom-attention 0.0.9 (the TransMIL repository) does.
+    """
+
+    def __init__(self, dim: int, n_heads: int = 8, head_dim: int = 64, n_landmarks: int = 256, pinv_iters: int = 6,
+                 residual_kernel: int = 33, dropout: float = 0.0, slicing: str = "last") -> None:
+        super().__init__()
+        if slicing not in ("last", "first"):
+            raise ValueError(f"Nystrom slicing must be 'last' or 'first', not {slicing!r}")
+        self.n_heads, self.head_dim, self.n_landmarks = n_heads, head_dim, n_landmarks
+        self.pinv_iters, self.slicing = pinv_iters, slicing
+        self.qkv = nn.Linear(dim, 3 * n_heads * head_dim, bias=False)
+        self.residual_conv = nn.Conv2d(n_heads, n_heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
+                                       groups=n_heads, bias=False)
+        self.out = nn.Sequential(nn.Linear(n_heads * head_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, weights_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` [B, N, d] -> (output [B, N, d], approximate attention of output row ``weights_of`` to every
+        input token [B, N], mean over heads, or None)."""
+        b, n, _ = x.shape
+        m, h, dh = self.n_landmarks, self.n_heads, self.head_dim
+        pad = -n % m
+        x = F.pad(x, (0, 0, pad, 0))
+        q, k, v = self.qkv(x).view(b, n + pad, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [B, h, L, dh]
+        q_land = q.reshape(b, h, m, -1, dh).mean(3)
+        k_land = k.reshape(b, h, m, -1, dh).mean(3)
+        with torch.autocast(x.device.type, enabled=False):
+            kernel = torch.softmax(q_land.float() @ k_land.float().transpose(-1, -2) / math.sqrt(dh), dim=-1)
+            kernel_inv = iterative_pinv(kernel, self.pinv_iters)
+        landmark_values = F.scaled_dot_product_attention(q_land, k, v)  # softmax(q_l k^T) v: [B, h, m, dh]
+        mixed = (kernel_inv @ landmark_values.float()).to(landmark_values.dtype)
+        y = F.scaled_dot_product_attention(q, k_land, mixed) + self.residual_conv(v)
+        y = self.out(y.transpose(1, 2).reshape(b, n + pad, h * dh))
+        first = pad if self.slicing == "last" else 0
+        weights = None
+        if weights_of is not None:
+            weights = self._row_weights(q[:, :, first + weights_of], k, q_land, k_land, kernel_inv)[:, pad:]
+        return y[:, first : first + n], weights
+
+    @torch.no_grad()
+    def _row_weights(self, q_row: torch.Tensor, k: torch.Tensor, q_land: torch.Tensor, k_land: torch.Tensor,
+                     kernel_inv: torch.Tensor) -> torch.Tensor:
+        """softmax(q_row k_l^T) pinv softmax(q_l k^T) for one query row [B, h, dh] -> [B, L] mean over heads."""
+        s = 1.0 / math.sqrt(self.head_dim)
+        left = torch.softmax(q_row.float().unsqueeze(2) @ k_land.float().transpose(-1, -2) * s, dim=-1) @ kernel_inv
+        right = torch.softmax(q_land.float() @ k.float().transpose(-1, -2) * s, dim=-1)  # [B, h, m, L]: O(N m)
+        return (left @ right).squeeze(2).mean(1)
+
+
+class WindowedSelfAttention(nn.Module):
+    """Multi-head self-attention within contiguous windows of one token sequence (SCMIL's cluster-local attention).
+
+    Windows are padded into one batch with a key mask, so a single scaled_dot_product_attention call serves them
+    all; memory is O(N w) for windows of at most w tokens. q/k/v/out projections with bias, dropout on the
+    attention probabilities (training only) and after the output projection.
+    """
+
+    def __init__(self, dim: int, n_heads: int, attn_dropout: float = 0.0, proj_dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"embedding width {dim} is not divisible by {n_heads} heads")
+        self.n_heads, self.attn_dropout = n_heads, attn_dropout
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(proj_dropout))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``x`` [L, d], ``lengths`` [W] (window sizes in order, summing to L) -> [L, d]."""
+        n, d = x.shape
+        w = lengths.numel()
+        window = torch.repeat_interleave(torch.arange(w, device=x.device), lengths, output_size=n)
+        pos = torch.arange(n, device=x.device) - (torch.cumsum(lengths, 0) - lengths)[window]
+        width = int(lengths.max())
+
+        def windows(t: torch.Tensor) -> torch.Tensor:
+            grid = t.new_zeros(w, width, d)
+            grid[window, pos] = t
+            return grid.view(w, width, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+        mask = (torch.arange(width, device=x.device) < lengths.unsqueeze(1)).view(w, 1, 1, width)
+        y = F.scaled_dot_product_attention(windows(self.q(x)), windows(self.k(x)), windows(self.v(x)), attn_mask=mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(w, width, d)[window, pos])
