@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 CLI = [sys.executable, "-m", "milbench.cli"]
+# one torch thread (2 shared cores thrash with more) and a wide terminal so rich tables are not truncated
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
 def milbench(*args, cwd=None, timeout=300):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=ENV)
 
 
 def _custom(synth_dir):
@@ -51,7 +53,7 @@ def test_killed_run_resumes_and_keeps_completed_folds(synth_dir, tmp_path):
     runs = tmp_path / "runs"
     args = [*CLI, "run", "--model", "amil", *map(str, _custom(synth_dir)), "--runs-dir", str(runs),
             "--epochs", "40", "--folds", "0,1"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=ENV)
     deadline = time.time() + 240
     while time.time() < deadline and not list(runs.rglob("fold_0/record.json")):
         time.sleep(0.2)

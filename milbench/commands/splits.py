@@ -1,4 +1,4 @@
-"""`milbench splits import` and `milbench splits audit`: thin commands over milbench.tasks."""
+"""`milbench splits import`, `audit` and `make`: thin commands over milbench.tasks."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from rich.table import Table
 
 from milbench import MilbenchError
 from milbench.tasks import audit as audit_lib
-from milbench.tasks.splits_import import import_cohorts
+from milbench.tasks import site_folds
+from milbench.tasks.cohort import load_table
+from milbench.tasks.splits_import import import_cohorts, write_atomic
 from milbench.tasks.tcga import SPLITS_DIR
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Import and audit the fixed TCGA splits.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Import, audit and make patient-level splits.")
 console = Console()
 STYLE = {"error": "bold red", "warning": "yellow", "anomaly": "magenta", "info": "cyan", "ok": "green"}
 SHOWN_IDS = 5
@@ -32,13 +34,26 @@ def import_(
                       f"{result.never_held_out} never held out) and {result.sidecar.name}")
         for finding in result.anomalies:
             if finding.check != "README":
-                console.print(f"  [{STYLE[finding.level]}]{finding.level}[/] {finding.check}: {finding.message}",
-                              highlight=False)
+                _print_finding(finding)
+        site = result.site_folds
+        console.print(f"[green]wrote[/] {site.table} (site-preserved folds; held-out patients "
+                      f"{_counts(site.balance['patients'])}, events {_counts(site.balance['events'])}) "
+                      f"and {site.sidecar.name}")
+        for finding in site.anomalies:
+            _print_finding(finding)
+
+
+def _print_finding(finding: audit_lib.Finding) -> None:
+    console.print(f"  [{STYLE[finding.level]}]{finding.level}[/] {finding.check}: {finding.message}", highlight=False)
+
+
+def _counts(values) -> str:
+    return "/".join(str(int(v)) for v in values)
 
 
 @app.command()
 def audit(
-    cohort: Optional[str] = typer.Argument(None, help="A shipped cohort, e.g. tcga_blca or blca."),
+    cohort: Optional[str] = typer.Argument(None, help="A shipped cohort, e.g. tcga_blca, blca or tcga_blca_sitefolds."),
     table: Optional[Path] = typer.Option(None, help="A split table (with a fold column), or a cohort table."),
     splits: Optional[Path] = typer.Option(None, help="CLAM splits folder (splits_k.csv: train, val) for --table."),
 ) -> None:
@@ -47,10 +62,37 @@ def audit(
         raise MilbenchError("give either a shipped COHORT or --table T.csv (with --splits DIR for a cohort table)")
     if splits is not None and table is None:
         raise MilbenchError("--splits needs --table: the cohort table that the split files refer to")
-    report = audit_lib.audit_cohort(cohort) if cohort else audit_lib.audit_files(table, splits)
+    if cohort and site_folds.is_site_folds_name(cohort):
+        report = audit_lib.audit_files(site_folds.site_folds_path(cohort))
+    else:
+        report = audit_lib.audit_cohort(cohort) if cohort else audit_lib.audit_files(table, splits)
     _print_report(report)
     if report.errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def make(
+    table: Path = typer.Argument(..., help="Cohort table: case_id, slide_id, survival_months, censorship (+ others)."),
+    out: Path = typer.Option(..., help="Split table to write: the input rows with a fold column."),
+    folds: int = typer.Option(5, help="Number of held-out folds."),
+    seed: int = typer.Option(0, help="Seed of the search (tie-breaks and random starts)."),
+    by: str = typer.Option("site", help="site: whole tissue-source sites per fold (TCGA barcodes); patient: patients."),
+) -> None:
+    """Make patient-level folds that keep each tissue-source site (or patient) in one held-out fold."""
+    made = site_folds.make_folds(load_table(table), folds, seed, by)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, made.to_csv(index=False, lineterminator="\n").encode())
+    shown = Table(title=f"{out.name}: {made['case_id'].nunique()} patients, {len(made)} slides, {folds} folds "
+                        f"by {by}, seed {seed}")
+    columns = ("fold", "held-out patients", "share", "events", "slides") + (("sites",) if by == "site" else ())
+    for col in columns:
+        shown.add_column(col)
+    for r in site_folds.fold_balance(made, by).to_dict("records"):
+        cells = (r["fold"], r["patients"], f"{r['share']:.0%}", r["events"], r["slides"], r["groups"])
+        shown.add_row(*(str(c) for c in cells[:len(columns)]))
+    console.print(shown)
+    console.print(f"[green]wrote[/] {out}; check it with: milbench splits audit --table {out}")
 
 
 def _detail(finding: audit_lib.Finding) -> str:

@@ -308,7 +308,8 @@ def _from_table(name: str, table_path: Path, splits: str | Path | None, features
 
 def cohort_names() -> list[str]:
     """Every built-in cohort name (a path to a CSV table is accepted too)."""
-    return ["synthetic", *(f"synthetic_{s}" for s in SCENARIOS), *(f"tcga_{c}" for c in TCGA_COHORTS), *TCGA_COHORTS]
+    return ["synthetic", *(f"synthetic_{s}" for s in SCENARIOS), *(f"tcga_{c}" for c in TCGA_COHORTS), *TCGA_COHORTS,
+            *(f"tcga_{c}_sitefolds" for c in TCGA_COHORTS)]
 
 
 def _synthetic(key: str, splits: str | Path | None, features: str | Path | None, backbone: str | None) -> Cohort:
@@ -330,8 +331,10 @@ def _tcga(short: str, splits: str | Path | None, features: str | Path | None, ba
     if not table_path.is_file():
         raise MilbenchError(f"the shipped table {table_path} is missing: reinstall milbench, or pass your own table "
                             f"(a CSV path) instead of the name")
-    return _from_table(name, table_path, splits, features, backbone,
-                       note=f"TCGA-{short.upper()}, reference 5-fold splits (MCAT / Patch-GCN / CrossFusion)",
+    base = short.removesuffix("_sitefolds")
+    family = ("site-preserved 5-fold splits (milbench.tasks.site_folds, seed 0)" if base != short
+              else "reference 5-fold splits (MCAT / Patch-GCN / CrossFusion)")
+    return _from_table(name, table_path, splits, features, backbone, note=f"TCGA-{base.upper()}, {family}",
                        features_help="TCGA features are not shipped: pass --features ROOT")
 
 
@@ -345,7 +348,7 @@ def _resolve(name_or_table: str | Path, splits: str | Path | None, features: str
     if key.startswith("synthetic"):
         return _synthetic(key, splits, features, backbone)
     short = key.removeprefix("tcga_").removeprefix("tcga-")
-    if short in TCGA_COHORTS:
+    if short in TCGA_COHORTS or short.removesuffix("_sitefolds") in TCGA_COHORTS:
         return _tcga(short, splits, features, backbone)
     raise MilbenchError(f"unknown cohort '{text}': use one of {', '.join(cohort_names())}, or a path to a CSV table")
 

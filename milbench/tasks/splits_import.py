@@ -5,6 +5,8 @@ folder (../shared/tcga), add the rows a cohort takes from a second table (LUAD),
 a per-patient fold column while checking them (``audit.folds_from_reference``), refuse to write on any defect,
 and write ``<name>.csv`` (sorted, ``\\n`` line ends: the same bytes on every run) and the provenance sidecar
 ``<name>.json`` (sources with repository, commit and SHA-256, the steps, the anomalies), each atomically.
+Beside them go the cohort's site-preserved folds, ``<name>_sitefolds.csv`` and ``.json``: the same rows with the
+folds of :mod:`milbench.tasks.site_folds` (seed 0, 5 folds; the same bytes on every run).
 """
 
 from __future__ import annotations
@@ -19,12 +21,26 @@ from typing import Any, Iterator
 import pandas as pd
 
 from milbench import MilbenchError
-from milbench.tasks import audit, tcga
+from milbench.tasks import audit, site_folds, tcga
 from milbench.tasks.audit import Finding
 
 FOLD_SEMANTICS = ("fold = the patient's held-out fold in the reference; every slide of a patient has the same "
                   "fold; training set of fold k = all patients whose fold is not k, empty fold included (an empty "
                   "fold: the reference holds the patient out in no fold and trains on it in every fold)")
+SITE_FOLD_SEMANTICS = ("fold = the held-out fold of the patient's tissue-source site (second field of the barcode); "
+                       "every patient of a site has the same fold, so no site is in both the training and the "
+                       "held-out set of any fold; training set of fold k = all patients whose fold is not k")
+
+
+@dataclass
+class SiteFoldsResult:
+    """What the import wrote for one cohort's site-preserved folds, with the per-fold balance."""
+
+    name: str
+    table: Path
+    sidecar: Path
+    balance: pd.DataFrame
+    anomalies: list[Finding]
 
 
 @dataclass
@@ -38,6 +54,7 @@ class ImportResult:
     slides: int
     never_held_out: int
     anomalies: list[Finding]
+    site_folds: SiteFoldsResult
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -172,8 +189,70 @@ def import_cohort(name: str, source: Path, out: Path) -> ImportResult:
     table_path, sidecar_path = out / f"{cohort.name}.csv", out / f"{cohort.name}.json"
     write_atomic(table_path, data)
     write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    site = write_site_folds(table, sidecar, out)
     return ImportResult(cohort.name, table_path, sidecar_path, len(patients), len(table),
-                        int(patients["fold"].isna().sum()), anomalies)
+                        int(patients["fold"].isna().sum()), anomalies, site)
+
+
+def _oversized_sites(table: pd.DataFrame, n_folds: int) -> list[Finding]:
+    """Sites holding more than a fold's share of the patients or events: their fold is off balance whatever the
+    assignment."""
+    patients = tcga.patient_table(table)
+    patients["site"] = patients["case_id"].map(site_folds.tissue_source_site)
+    patients["event"] = patients["censorship"] == 0
+    found = []
+    for what, counts in (("patients", patients["site"].value_counts()),
+                         ("events", patients.loc[patients["event"], "site"].value_counts())):
+        total = len(patients) if what == "patients" else int(patients["event"].sum())
+        for site, n in counts[counts > total / n_folds].sort_index().items():
+            found.append(Finding("anomaly", "site larger than a fold", f"site {site} holds {n} of {total} {what}, "
+                                 f"more than 1/{n_folds}: its held-out fold has more {what} than the others",
+                                 (site,)))
+    return found
+
+
+def write_site_folds(table: pd.DataFrame, reference_sidecar: dict[str, Any], out: Path) -> SiteFoldsResult:
+    """Write a cohort's site-preserved folds (``<name>_sitefolds.csv`` and sidecar) from its reference table."""
+    reference = reference_sidecar["cohort"]
+    name = site_folds.site_folds_name(reference)
+    k, seed = site_folds.SHIPPED_FOLDS, site_folds.SHIPPED_SEED
+    folds = site_folds.make_folds(table, k, seed, by="site")
+    data = table_bytes(folds)
+    balance = site_folds.fold_balance(folds, by="site")
+    patients = tcga.patient_table(folds)
+    sites = patients["case_id"].map(site_folds.tissue_source_site)
+    anomalies = _oversized_sites(folds, k)
+    sidecar = {
+        "cohort": name,
+        "table": {"file": f"{name}.csv", "sha256": hashlib.sha256(data).hexdigest(),
+                  "columns": list(tcga.SPLIT_COLUMNS), "rows": len(folds), "patients": len(patients),
+                  "fold_semantics": SITE_FOLD_SEMANTICS},
+        "derived_from": {"cohort": reference, "file": reference_sidecar["table"]["file"],
+                         "sha256": reference_sidecar["table"]["sha256"]},
+        "algorithm": {"module": "milbench.tasks.site_folds", "by": "site", "folds": k, "seed": seed,
+                      "restarts": site_folds.RESTARTS,
+                      "summary": "whole sites to folds: seeded greedy (largest site first) and random-order "
+                                 "starts, each improved by single moves and pairwise swaps of sites, minimising "
+                                 "the squared relative deviation of each fold's patients and events from 1/K"},
+        "counts": {"patients": len(patients), "slides": len(folds), "sites": int(sites.nunique()),
+                   "censored_patients": int(patients["censorship"].sum()),
+                   "held_out_patients": balance["patients"].tolist(), "held_out_events": balance["events"].tolist(),
+                   "held_out_slides": balance["slides"].tolist(), "held_out_sites": balance["groups"].tolist()},
+        "site_folds": {s: int(f) for s, f in sorted(zip(sites, patients["fold"]))},
+        "sources": reference_sidecar["sources"],
+        "steps": [f"Read the rows of {reference_sidecar['table']['file']} (survival data and provenance as its "
+                  f"sidecar records; its reference folds are not used).",
+                  f"Assigned whole tissue-source sites to {k} folds with milbench.tasks.site_folds.make_folds "
+                  f"(seed {seed}, by site).",
+                  "Wrote the same rows, in the same order, with the site folds as the fold column."],
+        "anomalies": [f.as_dict() for f in anomalies],
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table_path, sidecar_path = out / f"{name}.csv", out / f"{name}.json"
+    write_atomic(table_path, data)
+    write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    return SiteFoldsResult(name, table_path, sidecar_path, balance, anomalies)
 
 
 def _counts(table: pd.DataFrame, patients: pd.DataFrame) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def test_import_writes_the_shipped_bytes(tmp_path):
     assert res.exit_code == 0, res.output
     assert "no clinical row" in res.output and "tcga_luad" in res.output
     assert (tmp_path / "tcga_luad.csv").read_bytes() == tcga.table_path("luad").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tcga_luad.csv", "tcga_luad.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tcga_luad.csv", "tcga_luad.json", "tcga_luad_sitefolds.csv", "tcga_luad_sitefolds.json"]
 
 
 def test_import_from_a_missing_source_is_a_user_error(tmp_path):
