@@ -1,0 +1,124 @@
+"""DSMIL: dual-stream multiple instance learning (Li et al., CVPR 2021) as a discrete-time survival model.
+
+Architecture = the CrossFusion-repository variant behind the paper's baseline numbers (dsmil.py's structure,
+no orthogonal init), with one output per time bin where the paper has one per class:
+  instance stream: Linear(D -> n_bins) gives every patch a hazard logit per bin; the critical instance of bin k
+  is the patch with the highest logit in bin k;
+  bag stream: a query net Linear(D -> 128) -> ReLU -> Linear(128 -> 128) -> Tanh embeds all patches and the
+  critical ones; each critical query attends to all patches (softmax over patches of q_i . q_crit / sqrt(128),
+  values = raw features); the n_bins attended vectors [n_bins, D] go through Conv1d(n_bins -> n_bins, kernel D),
+  giving the bag's hazard logits.
+
+Fix-or-reproduce: in the reference the instance classifier only picks critical instances through a
+non-differentiable argmax/sort, so it never receives a gradient and stays at its random initialisation. The
+default adds the paper's max-instance loss so it trains (``instance_loss=False`` reproduces the reference).
+
+Max-instance survival loss. The bag's max-instance logits are m_k = max_i c_ik per time bin. Since sigmoid is
+monotone, sigmoid(m_k) = max_i h_ik: the bag's hazard in interval k is that of its most hazardous patch in k, the
+survival analogue of "a bag is positive if any instance is" (the maximiser may differ between bins). m is scored
+with the same discrete-time loss as the bag logits, under the same label. The paper trains on
+0.5 * bag loss + 0.5 * max-instance loss; here the engine adds ``aux_loss`` = loss(m) to loss(bag logits), i.e.
+twice the paper's mix: same minimiser, and Adam's steps are invariant to a constant loss scale (up to eps and
+the relative strength of weight decay).
+
+The model does not see labels, so the engine hands it the label's loss: during training the bag must carry
+``bag.extras["survival_loss"]``, a callable mapping [1, n_bins] logits to the scalar loss the engine applies to
+``logits`` (same loss, alpha and label). Training with ``instance_loss=True`` and no such callable raises, so a
+run never silently trains the reference variant.
+
+Attention map (``return_attention=True``): ``"20x"`` [N], the bag stream's attention averaged over the n_bins
+critical queries (sums to 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from milbench.data.bag import Bag
+from milbench.models.blocks import ModelOutput, mlp, segment_argmax, segment_softmax
+from milbench.registry import register_model
+
+
+@register_model(
+    "dsmil",
+    display_name="DSMIL",
+    paper="Li, Li & Eliceiri, Dual-stream Multiple Instance Learning Network for Whole Slide Image Classification "
+          "with Self-supervised Contrastive Learning, CVPR 2021",
+    scales=("20x",),
+    reference_params={1024: 168_200, 2048: 319_752},
+    description="max-instance critical patch per time bin queries all 20x patches (CrossFusion-repo variant, "
+                "plus the max-instance loss; instance_loss=False for the reference's untrained instance stream)",
+)
+class DSMIL(nn.Module):
+    def __init__(self, in_dim: int, n_bins: int = 4, query_dim: int = 128, instance_loss: bool = True) -> None:
+        super().__init__()
+        self.instance_loss = instance_loss
+        # instance stream: one hazard logit per patch and time bin
+        self.instance_classifier = nn.Linear(in_dim, n_bins)
+        # bag stream: nonlinear query net (values are the raw features)
+        self.query = nn.Sequential(*mlp([in_dim, query_dim, query_dim], last_act=False), nn.Tanh())
+        # bag classifier: Conv1d over the n_bins attended vectors, kernel = the feature width
+        self.bag_classifier = nn.Conv1d(n_bins, n_bins, kernel_size=in_dim)
+
+    def forward(self, bag: Bag, return_attention: bool = False) -> ModelOutput:
+        x = bag.features["20x"]
+        c = self.instance_classifier(x)  # [N, n_bins]
+        critical = c.detach().argmax(dim=0)  # the critical instance of every bin
+        q = self.query(x)  # [N, 128]
+        q_crit = q[critical]  # [n_bins, 128]
+        b = F.scaled_dot_product_attention(q_crit[None, None], q[None, None], x[None, None])[0]  # [1, n_bins, D]
+        logits = self.bag_classifier(b).squeeze(-1)  # [1, n_bins]
+        attention = {}
+        if return_attention:
+            with torch.no_grad():
+                a = torch.softmax(q.float() @ q_crit.float().T / math.sqrt(q.shape[1]), dim=0)
+            attention["20x"] = a.mean(dim=1)
+        return ModelOutput(logits, self._max_instance_loss(bag, c), attention)
+
+    def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int,
+                       survival_loss=None) -> ModelOutput:
+        """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags, ``segment`` [sum N] the bag of
+        each row -> logits [n_bags, n_bins], each row equal to ``forward`` of its bag.
+
+        Every bag's critical instances are its own (per-bag argmax) and its critical queries attend to its own
+        patches only (softmax per bag); the attended vectors are one matmul with a bag-block-diagonal weight matrix.
+        ``survival_loss`` maps the [n_bags, n_bins] max-instance logits to the summed loss of the bags (training
+        with ``instance_loss`` needs it, as ``bag.extras["survival_loss"]`` in ``forward``).
+        """
+        x = features
+        c = self.instance_classifier(x)  # [N, n_bins]
+        critical = segment_argmax(c.detach(), segment, n_bags)  # [n_bags, n_bins] rows of the critical instances
+        q = self.query(x)  # [N, 128]
+        k = c.shape[1]
+        q_crit = q[critical.view(-1)]  # [n_bags * n_bins, 128]
+        scores = (q @ q_crit.T).view(-1, n_bags, k)  # every patch against every bag's critical queries ...
+        scores = scores[torch.arange(x.shape[0], device=x.device), segment]  # ... keeping its own bag's: [N, n_bins]
+        a = segment_softmax(scores.float() / math.sqrt(q.shape[1]), segment, n_bags).to(x.dtype)
+        blocks = F.one_hot(segment, n_bags).to(a.dtype).unsqueeze(-1) * a.unsqueeze(1)  # [N, n_bags, n_bins]
+        b = (blocks.view(x.shape[0], -1).T @ x).view(n_bags, k, -1)  # [n_bags, n_bins, D]
+        logits = self.bag_classifier(b).squeeze(-1)  # [n_bags, n_bins]
+        aux = None
+        if self.instance_loss:
+            if survival_loss is None and self.training:
+                raise RuntimeError("dsmil's max-instance loss needs the labels: pass survival_loss= to forward_packed, "
+                                   "or instance_loss=False to reproduce the reference")
+            if survival_loss is not None:
+                aux = survival_loss(c.gather(0, critical))  # each bag's max-instance logits
+        return ModelOutput(logits, aux)
+
+    def _max_instance_loss(self, bag: Bag, c: torch.Tensor) -> torch.Tensor | None:
+        """The survival loss of the per-bin max-instance logits, when the bag carries its label's loss."""
+        if not self.instance_loss:
+            return None
+        survival_loss = bag.extras.get("survival_loss")
+        if survival_loss is None:
+            if self.training:
+                raise RuntimeError(
+                    "dsmil's max-instance loss needs the label: set bag.extras['survival_loss'] (a callable on "
+                    "[1, n_bins] logits) on training bags, or pass instance_loss=False to reproduce the reference")
+            return None
+        return survival_loss(c.max(dim=0).values.unsqueeze(0))
