@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.milbench-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast leaderboards clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,15 +13,32 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# the tests run a small grid on a local Ray instance: they need the ray extra
+RAY_STAMP := $(VENV)/.milbench-ray-installed
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,ray]"
+	touch $(RAY_STAMP)
+
 demo: setup
 	$(VENV)/bin/milbench run --model crossfusion --cohort synthetic --runs-dir runs/demo
 	$(VENV)/bin/milbench leaderboard --runs-dir runs/demo
 
-test: setup
+test: setup $(RAY_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Every committed run store leaderboards/<name>/runs/ is rendered into leaderboards/<name>/ (md, tex, html, csv),
+# and the published figures into leaderboards/reported/ (see leaderboards/README.md).
+LEADERBOARD_STORES := $(wildcard leaderboards/*/runs)
+
+leaderboards: setup
+	$(VENV)/bin/milbench leaderboard --reported-only --out leaderboards/reported
+	@for runs in $(LEADERBOARD_STORES); do \
+		echo "milbench leaderboard --runs-dir $$runs --out $$(dirname $$runs)"; \
+		$(VENV)/bin/milbench leaderboard --runs-dir $$runs --out $$(dirname $$runs) || exit 1; \
+	done
 
 clean:
 	rm -rf runs/demo .pytest_cache

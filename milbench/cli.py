@@ -46,26 +46,100 @@ def run(
     exclude_missing: bool = typer.Option(False, help="Drop slides without feature files (listed in the record)."),
     save_checkpoints: bool = typer.Option(False, help="Keep each fold's model weights (for attention heatmaps)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option: key=value."),
+    executor: str = typer.Option("local", help="local (this process, or --max-parallel worker processes) | ray"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto); default: a local instance."),
+    gpus_per_fold: Optional[float] = typer.Option(None, help="Ray: GPUs per fold, fractions share a GPU "
+                                                  "(default 1 if the cluster has GPUs, else 0)."),
+    cpus_per_fold: int = typer.Option(1, help="CPU cores and torch threads per fold."),
+    max_parallel: Optional[int] = typer.Option(None, help="Folds at once (local default 1; ray default: no limit)."),
 ) -> None:
     """Cross-validate models on a cohort; completed folds are skipped, each fold's record is stored."""
     from milbench.config import make_config, parse_set
+    from milbench.grid import check_options, drive
     from milbench.registry import get_card
-    from milbench.runner import plan, run_local
-    from milbench.tasks.cohort import resolve_cohort
+    from milbench.runner import CohortSpec, check_executor, expand, plan
 
-    the_cohort = resolve_cohort(cohort, splits=splits, features=features, backbone=backbone,
-                                exclude_missing=exclude_missing)
+    check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    spec = CohortSpec.of(cohort, splits, features, backbone, exclude_missing)
+    the_cohort = spec.resolve()
     recipe = recipe or ("small" if the_cohort.name.startswith("synthetic") else "paper")
     overrides = {"epochs": epochs, "lr": lr, "protocol": protocol, "seed": seed, "bins_on": bins_on,
                  "backbone": backbone or "default", **parse_set(set_)}
     configs = [make_config(m, the_cohort.name, recipe, overrides) for m in model]
     scales = sorted({s for cfg in configs for s in get_card(cfg.model).scales})  # bad model names fail here
     the_cohort.check_features(scales)  # every missing feature file is reported before any training
-    jobs, skipped = plan(the_cohort, configs, _folds(folds), runs_dir)
+    jobs = expand(spec, the_cohort, configs, _folds(folds))
+    check_options(jobs)  # a bad model option fails here, before any training
+    todo, skipped = plan(jobs, runs_dir)
     console.print(f"cohort [bold]{the_cohort.name}[/]: {len(the_cohort.patients)} patients, recipe {recipe}, "
-                  f"protocol {protocol}; {len(jobs)} fold(s) to run, {skipped} already complete in {runs_dir}")
-    run_local(the_cohort, jobs, runs_dir, device=device, console=console, save_checkpoints=save_checkpoints)
-    _print_leaderboard(runs_dir, cohorts={the_cohort.name}, models=set(model))
+                  f"protocol {protocol}; {len(todo)} fold(s) to run, {skipped} already complete in {runs_dir}")
+    report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold,
+                   save_checkpoints=save_checkpoints, executor=executor, max_parallel=max_parallel,
+                   ray_address=ray_address, gpus_per_fold=gpus_per_fold)
+    if skipped or report.count("trained"):
+        _print_leaderboard(runs_dir, cohorts={the_cohort.name}, models=set(model))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def grid(
+    models: str = typer.Option(..., help="Comma-separated model names, e.g. amil,transmil."),
+    cohorts: str = typer.Option(..., help="Comma-separated cohorts: synthetic_*, tcga_* names or TABLE.csv paths "
+                                "(a table beside splits/ and features/ folders uses them)."),
+    backbones: str = typer.Option("default", help="Comma-separated backbone folders of the features root "
+                                  "(built-in synthetic cohorts run only 'default')."),
+    folds: Optional[str] = typer.Option(None, help="Folds to run, e.g. 0,1 (default: all)."),
+    features: Optional[str] = typer.Option(None, help="Features root ROOT/<backbone>/x20/...; '{cohort}' in it is "
+                                           "replaced by each cohort's name."),
+    executor: str = typer.Option("local", help="local (this process, or --max-parallel worker processes) | ray"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto); default: a local instance."),
+    gpus_per_fold: Optional[float] = typer.Option(None, help="Ray: GPUs per fold, fractions share a GPU "
+                                                  "(default 1 if the cluster has GPUs, else 0)."),
+    cpus_per_fold: int = typer.Option(1, help="CPU cores and torch threads per fold."),
+    max_parallel: Optional[int] = typer.Option(None, help="Folds at once (local default 1; ray default: no limit)."),
+    retries: int = typer.Option(2, help="Retries of a failed fold (bad input is never retried)."),
+    node_cache: Optional[Path] = typer.Option(None, help="Node-local folder: each node copies the feature files of "
+                                              "its folds there once and reads them from there."),
+    cache_gb: Optional[float] = typer.Option(None, help="Memory each worker may fill with cached slides (GiB; "
+                                             "default: no limit, every slide of its cohort stays in memory)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Run store (shared by all nodes)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the recipe's)."),
+    recipe: Optional[str] = typer.Option(None, help="paper | small (default: small for synthetic cohorts, else paper)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option: key=value."),
+) -> None:
+    """Train model x cohort x backbone x fold; resumable; two drivers on one store never train the same fold."""
+    from milbench.config import parse_set
+    from milbench.grid import build_jobs, drive, split_list
+    from milbench.runner import check_executor, plan
+
+    check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    names = split_list(models, "--models")
+    jobs, notes = build_jobs(names, split_list(cohorts, "--cohorts"), split_list(backbones, "--backbones"),
+                             _folds(folds), features, recipe, {"epochs": epochs, **parse_set(set_)})
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    todo, skipped = plan(jobs, runs_dir)
+    pairs = len({(j.cfg.cohort, j.cfg.backbone) for j in jobs})
+    console.print(f"grid: {len(names)} model(s) x {pairs} cohort-backbone(s) = {len(jobs)} folds; {len(todo)} to run, "
+                  f"{skipped} already complete in {runs_dir}", highlight=False)
+    report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
+                   max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries,
+                   node_cache=node_cache, cache_gb=cache_gb)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    runs_dir: Path = typer.Option(Path("runs"), help="Run store of the grid."),
+    plan: Optional[str] = typer.Option(None, help="Plan id (default: the latest plan in the store)."),
+) -> None:
+    """Print the grid table (done / running / failed / pending, elapsed, ETA) of a grid running anywhere."""
+    from milbench.grid import print_status
+
+    print_status(console, runs_dir, plan)
 
 
 @app.command()
@@ -123,37 +197,122 @@ def synth(
 @app.command()
 def leaderboard(
     runs_dir: Path = typer.Option(Path("runs"), help="Run store to read."),
-    out: Optional[Path] = typer.Option(None, help="Folder for leaderboard.md/.csv (default RUNS_DIR/leaderboard)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default RUNS_DIR/leaderboard)."),
+    format_: str = typer.Option("md,tex,html,csv", "--format", help="Comma-separated subset of md,tex,html,csv."),
+    metric: str = typer.Option("c_index", help="c_index | uno_c | ibs | td_auc, recomputed per fold."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the pooled C-index CI (0: none)."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    reported_only: bool = typer.Option(False, help="Write only the published figures (needs --out, no run store)."),
 ) -> None:
-    """Recompute every figure from the stored predictions and render the leaderboard."""
+    """Recompute every figure from the stored predictions: tables per protocol, statistics, the reported block."""
     from milbench import leaderboard as lb
 
-    table = _print_leaderboard(runs_dir)
-    for path in lb.write(table, out or runs_dir / "leaderboard"):
+    formats = lb.parse_formats(format_)
+    board = None
+    if reported_only:
+        if out is None:
+            raise MilbenchError("--reported-only needs --out DIR (where to write the reported block)")
+    else:
+        board = lb.build(runs_dir, metric=metric, n_boot=bootstrap, seed=seed)
+        _print_cells(board.cells, metric)
+        for note in board.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for path in lb.write(board, out or runs_dir / "leaderboard", formats):
         console.print(f"wrote {path}")
 
 
 def _print_leaderboard(runs_dir: Path, cohorts: set[str] | None = None, models: set[str] | None = None):
+    """C-index per cell (no bootstrap: quick), printed after a run."""
     from milbench import leaderboard as lb
 
-    table = lb.summary(lb.fold_table(runs_dir))
-    shown = table
+    cells = lb.summary(lb.fold_table(runs_dir))
+    shown = cells
     if cohorts:
         shown = shown[shown.cohort.isin(cohorts)]
     if models:
         shown = shown[shown.model.isin(models)]
-    for protocol, part in shown.groupby("protocol"):
-        t = Table(title=f"C-index (Harrell), mean ± std over folds — protocol {protocol}")
+    _print_cells(shown, "c_index")
+    return cells
+
+
+def _print_cells(cells: pd.DataFrame, metric: str) -> None:
+    from milbench.leaderboard import INCOMPLETE, METRICS, SIGNIFICANT
+
+    for protocol, part in cells.groupby("protocol"):
+        t = Table(title=f"{METRICS[metric].label}, mean ± std over folds — protocol {protocol}")
         has_oracle = "oracle" in part and part.oracle.notna().any()
-        for col in ["cohort", "backbone", "model", "C-index", "folds", "seeds"] + (["oracle C"] if has_oracle else []):
+        for col in ["cohort", "backbone", "model", metric, "folds×seeds"] + (["oracle C"] if has_oracle else []):
             t.add_column(col)
-        for _, r in part.iterrows():
-            row = [r.cohort, r.backbone, r.model, f"{r['mean']:.3f} ± {r['std']:.3f}", str(r.folds), str(r.seeds)]
+        for _, r in part.sort_values(["cohort", "backbone", "order", "model"]).iterrows():
+            std = "–" if pd.isna(r["std"]) else f"{r['std']:.3f}"
+            value = f"{r['mean']:.3f} ± {std}" + ("" if r.complete else f" {INCOMPLETE}")
+            value += f" {SIGNIFICANT}" if r.get("significant", False) else ""
+            model = r.model + (f" ({r.variant_label})" if r.variant_label else "")
+            row = [r.cohort, r.backbone, model, f"[bold]{value}[/]" if r["rank"] == 1 else value,
+                   f"{r.folds}×{r.seeds}"]
             if has_oracle:
                 row.append("" if pd.isna(r.oracle) else f"{r.oracle:.3f}")
             t.add_row(*row)
         console.print(t)
-    return table
+
+
+@app.command()
+def bench(
+    model: list[str] = typer.Option([], "--model", "-m", help="Model to time; repeat for several (default crossfusion)."),
+    bag: list[str] = typer.Option([], "--bag", help="avg | p90 | max | N20 | N5,N10,N20; repeat for several (default avg)."),
+    in_dim: int = typer.Option(2048, help="Feature width."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 autocast (default: bf16 on CUDA, fp32 on CPU)."),
+    steps: Optional[int] = typer.Option(None, help="Timed steps, median reported (default 10 on CUDA, 3 on CPU)."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps (default 3 on CUDA, 1 on CPU)."),
+    compile_: str = typer.Option("auto", "--compile", help="auto (blocks on CUDA, off on CPU) | off | blocks "
+                                 "(torch.compile the models' hot blocks: the engine's fast path)."),
+    pack: int = typer.Option(0, help="Training throughput, one bag per step against PACK bags per forward pass."),
+    epoch: bool = typer.Option(False, "--epoch", help="End-to-end epochs from disk: the reference's loading vs milbench."),
+    patients: int = typer.Option(1000, help="--epoch: patients in milbench's cached epoch."),
+    size: str = typer.Option("avg", help="--epoch: bag size of every synthetic patient."),
+    disk_slides: int = typer.Option(64, help="--epoch: slides written to disk (float32 .pt and .h5)."),
+    workers: int = typer.Option(8, help="--epoch: DataLoader workers of the reference path."),
+    workdir: Optional[Path] = typer.Option(None, help="--epoch: folder for the synthetic cohort (default: temp)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    budget: Optional[float] = typer.Option(None, help="Seconds after which no further measurement starts."),
+    json_: bool = typer.Option(False, "--json", help="Print the records as JSON instead of tables."),
+    out: Optional[Path] = typer.Option(None, help="Also append the records to this JSON Lines file, one per line."),
+    md: Optional[Path] = typer.Option(None, help="Also write the markdown tables to this file."),
+) -> None:
+    """Time training steps (forward + backward, median after warm-up) and peak memory per model and bag size."""
+    import json
+
+    import torch
+
+    from milbench import bench as lib
+    from milbench.engine import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    records: list[dict] = []
+
+    def report(record: dict) -> None:  # files are written as records come, so a killed run keeps what it measured
+        records.append(record)
+        if out:
+            with out.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if md:
+            md.write_text(lib.markdown(records))
+        if not json_:
+            console.print(lib.one_line(record), highlight=False, soft_wrap=True)
+
+    if epoch:
+        report(lib.run_epoch(model[0] if model else "crossfusion", patients, size, in_dim, dev, workdir, disk_slides,
+                             workers, compile_))
+    else:
+        lib.run(model or ["crossfusion"], bag or ["avg"], in_dim, dev, dtype, steps, warmup, compile_, pack, budget,
+                report)
+    if json_:
+        print(json.dumps(records, indent=1))
+    else:
+        console.print(lib.markdown(records), highlight=False, soft_wrap=True)
 
 
 def _add_subcommands() -> None:
@@ -161,7 +320,13 @@ def _add_subcommands() -> None:
         from milbench.commands import splits
     except ModuleNotFoundError:
         return
-    app.add_typer(splits.app, name="splits", help="Import and audit the fixed TCGA splits.")
+    app.add_typer(splits.app, name="splits", help="Import, audit and make patient-level splits.")
+    from milbench.commands import plot
+
+    app.add_typer(plot.app, name="plot", help="Kaplan-Meier curves and attention heatmaps from a run store.")
+    from milbench.commands import extract
+
+    app.command("extract")(extract.extract)
 
 
 _add_subcommands()
