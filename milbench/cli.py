@@ -259,7 +259,8 @@ def _print_cells(cells: pd.DataFrame, metric: str) -> None:
 @app.command()
 def bench(
     model: list[str] = typer.Option([], "--model", "-m", help="Model to time; repeat for several (default crossfusion)."),
-    bag: list[str] = typer.Option([], "--bag", help="avg | p90 | max | N20 | N5,N10,N20; repeat for several (default avg)."),
+    bag: list[str] = typer.Option([], "--bag", help="avg | p90 | max | avg/16 (scaled down) | N20 | N5,N10,N20; "
+                                  "repeat for several (default avg)."),
     in_dim: int = typer.Option(2048, help="Feature width."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 autocast (default: bf16 on CUDA, fp32 on CPU)."),
@@ -268,6 +269,7 @@ def bench(
     compile_: str = typer.Option("auto", "--compile", help="auto (blocks on CUDA, off on CPU) | off | blocks "
                                  "(torch.compile the models' hot blocks: the engine's fast path)."),
     pack: int = typer.Option(0, help="Training throughput, one bag per step against PACK bags per forward pass."),
+    sdpa: str = typer.Option("default", help="Attention kernel preferred: default | cudnn | flash | efficient | math."),
     epoch: bool = typer.Option(False, "--epoch", help="End-to-end epochs from disk: the reference's loading vs milbench."),
     patients: int = typer.Option(1000, help="--epoch: patients in milbench's cached epoch."),
     size: str = typer.Option("avg", help="--epoch: bag size of every synthetic patient."),
@@ -308,7 +310,7 @@ def bench(
                              workers, compile_))
     else:
         lib.run(model or ["crossfusion"], bag or ["avg"], in_dim, dev, dtype, steps, warmup, compile_, pack, budget,
-                report)
+                report, sdpa)
     if json_:
         print(json.dumps(records, indent=1))
     else:

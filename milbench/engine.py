@@ -1,7 +1,10 @@
 """Fit and evaluate one fold under a protocol: the only place that trains a model.
 
 Recipe (DESIGN.md): Adam, one bag per step with gradient accumulation, warm-up epochs before any epoch can be
-selected, bf16 autocast on CUDA. Protocols: ``fixed`` scores the final model; ``inner-val`` selects the epoch
+selected, bf16 autocast on CUDA. Speed (docs/performance.md): bags stay on the GPU in half precision once read
+(:class:`DeviceBagStore`), labels are indexed on the device (no host synchronisation per step), ``pack`` bags can
+share one forward pass (models with ``forward_packed``; the same gradient as accumulating them one by one), and
+``compile=True`` compiles each model's ``hot_blocks``. Protocols: ``fixed`` scores the final model; ``inner-val`` selects the epoch
 on a patient-level inner split of the training fold; ``best-val`` selects it on the held-out fold itself (the
 CrossFusion paper's protocol: optimistic, kept to reproduce published tables).
 """
@@ -13,7 +16,7 @@ import platform
 import resource
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,11 +28,11 @@ import milbench
 from milbench.config import RunConfig
 from milbench.data.bag import Bag
 from milbench.data.cache import FeatureCache
-from milbench.data.dataset import BagDataset
+from milbench.data.dataset import BagDataset, _tensor_bytes
+from milbench.models.blocks import compile_blocks
 from milbench.registry import create_model, get_card
 from milbench.survival.binning import assign_bins, fit_bins
-from milbench.survival.losses import get_loss, hazards_to_survival
-from milbench.survival.metrics import fold_metrics, harrell_c, logrank_p
+from milbench.survival.losses import SurvivalLoss, get_loss, hazards_to_survival
 from milbench.tasks.cohort import Cohort
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -78,24 +81,182 @@ class _Labels:
         self.bins = assign_bins(self.time, edges)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def default_amp(device: torch.device) -> torch.dtype | None:
+    """The engine's autocast dtype: bf16 on CUDA, none (float32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``; float32 throughout when ``dtype`` is None."""
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _to_device(bag: Bag, device: torch.device) -> Bag:
     return bag.to(device, dtype=torch.float32)
 
 
+def _as_float(bag: Bag) -> Bag:
+    """Float32 features, cast where the bag lies (the same values as casting on the host, no host copy); a fresh
+    extras dict, so what a step adds there never sticks to a stored bag."""
+    return replace(bag, features={k: v.float() for k, v in bag.features.items()}, extras=dict(bag.extras))
+
+
+class DeviceBagStore:
+    """Bags on the training device in the feature cache's half precision, copied there once and kept while they fit.
+
+    On CUDA the budget is the free memory at creation less a tenth of the GPU (left for training), so a cohort that
+    fits is read from the host once per process; bags beyond the budget are copied per use (non-blocking). A
+    stored bag may also live in pinned host memory (``put``): it is then copied per use without a host sync.
+    ``fetch`` returns fresh dicts, so a caller adding extras never alters the stored bag.
+    """
+
+    def __init__(self, device: torch.device, max_bytes: int | None = None) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # compare equal to the tensors' cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if max_bytes is None:
+            max_bytes = 0
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                max_bytes = max(0, int(free - 0.1 * total))
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._bags: dict[object, Bag] = {}
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more can be kept on the device (never on the CPU, where the feature cache holds them)."""
+        return self.device.type != "cpu" and self.nbytes + nbytes <= self.max_bytes
+
+    def put(self, key: object, bag: Bag) -> None:
+        """Keep ``bag`` under ``key``: on the device (counted against the budget) or in pinned host memory."""
+        self._bags[key] = bag
+        if next(iter(bag.features.values())).device == self.device:
+            self.nbytes += _bag_bytes(bag)
+
+    def fetch(self, key: object, load: Callable[[], Bag], as_float: bool = True) -> Bag:
+        """The bag under ``key`` on the device (``load()`` gives it from the host cache on a miss)."""
+        bag = self._bags.get(key)
+        if bag is None:
+            bag = load().to(self.device)
+            if self.fits(_bag_bytes(bag)):
+                self.put(key, bag)
+        elif next(iter(bag.features.values())).device != self.device:
+            bag = bag.to(self.device)
+        bag = replace(bag, features=dict(bag.features), slide_index=dict(bag.slide_index), coords=dict(bag.coords),
+                      extras=dict(bag.extras))
+        return _as_float(bag) if as_float else bag
+
+
+def _bag_bytes(bag: Bag) -> int:
+    return sum(_tensor_bytes(part) for part in (bag.features, bag.coords, bag.slide_index, bag.extras))
+
+
+class DeviceBags:
+    """Item ``i`` of a :class:`BagDataset` on the device, through a shared :class:`DeviceBagStore`."""
+
+    def __init__(self, data: BagDataset, store: DeviceBagStore) -> None:
+        self.data, self.store = data, store
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, i: int, as_float: bool = True) -> Bag:
+        return self.store.fetch((self.data.case_ids[i], self.data.scales), lambda: self.data[i], as_float)
+
+
+def bag_loss(model: torch.nn.Module, bag: Bag, y: torch.Tensor, c: torch.Tensor, loss_fn: SurvivalLoss,
+             amp: torch.dtype | None) -> torch.Tensor:
+    """Training loss of one bag: the survival loss of its logits, of any auxiliary task head, plus the model's
+    auxiliary loss; ``bag.extras["survival_loss"]`` hands the label's loss to models that need it (DSMIL)."""
+    bag.extras["survival_loss"] = lambda logits: loss_fn(logits.float(), y, c)
+    with autocast(y.device, amp):
+        out, tasks = model.forward_tasks(bag) if hasattr(model, "forward_tasks") else (model(bag), {})
+    loss = loss_fn(out.logits.float(), y, c)
+    for task_logits in tasks.values():  # auxiliary heads trained on the same target (MuSTMIL's scales)
+        loss = loss + loss_fn(task_logits.float(), y, c)
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss.float()
+    return loss
+
+
+def packed_loss(model: torch.nn.Module, bags: list[Bag], y: torch.Tensor, c: torch.Tensor, loss_fn: SurvivalLoss,
+                amp: torch.dtype | None) -> torch.Tensor:
+    """Summed training loss of several bags from one ``forward_packed`` pass over their concatenated patches."""
+    scale = model.card.scales[0]
+    parts = [b.features[scale] for b in bags]
+    x = torch.cat(parts).float()
+    segment = torch.cat([torch.full((p.shape[0],), i, device=x.device, dtype=torch.long) for i, p in enumerate(parts)])
+
+    def summed(logits: torch.Tensor) -> torch.Tensor:  # the per-bag losses summed, as accumulation adds them
+        return loss_fn(logits.float(), y, c) * logits.shape[0]
+
+    with autocast(y.device, amp):
+        out = model.forward_packed(x, segment, len(bags), survival_loss=summed)
+    loss = summed(out.logits)
+    return loss if out.aux_loss is None else loss + out.aux_loss.float()
+
+
+def check_pack(model: torch.nn.Module, name: str, pack: int, grad_accum: int) -> None:
+    """Reject packing where it would change the training: models without ``forward_packed``, uneven windows."""
+    if pack < 1:
+        raise milbench.MilbenchError(f"pack must be at least 1, not {pack}")
+    if pack > 1 and not hasattr(model, "forward_packed"):
+        raise milbench.MilbenchError(f"model '{name}' cannot pack several bags into one forward pass: use pack=1")
+    if grad_accum % pack:
+        raise milbench.MilbenchError(f"pack={pack} must divide grad_accum={grad_accum} (so packed steps sum the same "
+                                     f"bags as accumulation does): e.g. --set pack={_largest_divisor(grad_accum, pack)}")
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor, c: torch.Tensor,
+                loss_fn: SurvivalLoss, optim: torch.optim.Optimizer, grad_accum: int, pack: int = 1,
+                amp: torch.dtype | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+    """One training epoch over ``order`` (indices into ``bags``, which has ``get(i, as_float)``); returns the summed
+    loss on the device (no host synchronisation inside).
+
+    ``y``/``c`` [n] are the labels of every index, on the device. Each bag's loss is divided by ``grad_accum`` and
+    the optimizer steps every ``grad_accum`` bags and at the end of the epoch; with ``pack`` > 1 the bags of a
+    window go through ``forward_packed`` ``pack`` at a time, which gives the same gradient.
+    """
+    dev = y.device
+    index = torch.as_tensor(order, dtype=torch.long).to(dev, non_blocking=True)
+    y_ord, c_ord = y[index], c[index]
+    total = torch.zeros((), device=dev)
+    optim.zero_grad(set_to_none=True)
+    done = 0
+    for start in range(0, len(order), pack):
+        chunk = order[start : start + pack]
+        yb, cb = y_ord[start : start + len(chunk)], c_ord[start : start + len(chunk)]
+        if pack == 1:
+            loss = bag_loss(model, bags.get(chunk[0]), yb, cb, loss_fn, amp)
+        else:
+            loss = packed_loss(model, [bags.get(i, as_float=False) for i in chunk], yb, cb, loss_fn, amp)
+        (loss / grad_accum).backward()
+        total += loss.detach()
+        done += len(chunk)
+        if done % grad_accum == 0 or done == len(order):  # no gradient leaks into the next epoch
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+        if progress:
+            progress("bag", done, len(order))
+    return total
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: BagDataset, device: torch.device) -> np.ndarray:
+def predict(model: torch.nn.Module, data: BagDataset, device: torch.device,
+            store: DeviceBagStore | None = None) -> np.ndarray:
     """Hazard logits of every patient of ``data``, in order: [n, n_bins]."""
     model.eval()
+    bags = DeviceBags(data, store or DeviceBagStore(device, max_bytes=0))
     out = []
     for i in range(len(data)):
-        with _autocast(device):
-            out.append(model(_to_device(data[i], device)).logits.float())
+        with autocast(device, default_amp(device)):
+            out.append(model(bags.get(i)).logits.float())
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0))
 
 
@@ -114,17 +275,27 @@ def _sample_order(labels: _Labels, sampler: str, gen: torch.Generator) -> list[i
     return torch.multinomial(torch.tensor(weights), n, replacement=True, generator=gen).tolist()
 
 
-def _selection_score(labels: _Labels, risk: np.ndarray) -> float:
-    """Harrell's C on the selection set, NaN when it has no event (a tiny inner split can have none)."""
-    if labels.event.sum() == 0:
+def _c_or_nan(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's C, NaN when no pair is comparable (a tiny fold or inner split can have no event)."""
+    from milbench import MilbenchError
+    from milbench.survival.metrics import harrell_c
+
+    try:
+        return harrell_c(time, event, risk)
+    except MilbenchError:
         return float("nan")
-    return harrell_c(labels.time, labels.event, risk)
 
 
 def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
              cache: FeatureCache | None = None, progress: ProgressFn | None = None,
-             keep_weights: bool = False) -> FoldResult:
-    """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients."""
+             keep_weights: bool = False, compile: bool = False) -> FoldResult:
+    """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients.
+
+    ``compile=True`` compiles the model's ``hot_blocks`` on CUDA (the same function, faster; see
+    docs/performance.md); it is an execution option like the device, not part of the config.
+    """
+    from milbench.survival.metrics import fold_metrics, logrank_p
+
     t_start = time.perf_counter()
     dev = resolve_device(device)
     seed_everything(cfg.seed + fold)
@@ -151,6 +322,10 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     select_labels = _Labels(cohort, select_ids, edges) if select_ids else None
 
     model = create_model(cfg.model, in_dim=fit_data.in_dim, n_bins=cfg.n_bins, **cfg.model_options).to(dev)
+    check_pack(model, cfg.model, cfg.pack, cfg.grad_accum)
+    if compile and dev.type == "cuda":
+        compile_blocks(model)
+    store = DeviceBagStore(dev)
     if hasattr(model, "fit_priors"):
         model.fit_priors([_to_device(fit_data[i], dev) for i in range(len(fit_data))])
     loss_fn = get_loss(cfg.loss, alpha=cfg.alpha)
@@ -159,8 +334,9 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
                                      "bag per step: use loss=nll or loss=ce")
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + fold)
-    y_all = torch.as_tensor(fitting.bins, dtype=torch.long)
-    c_all = torch.as_tensor(1 - fitting.event, dtype=torch.float32)
+    y_all = torch.as_tensor(fitting.bins, dtype=torch.long).to(dev)
+    c_all = torch.as_tensor(1 - fitting.event, dtype=torch.float32).to(dev)
+    fit_bags = DeviceBags(fit_data, store)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -170,29 +346,12 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     for epoch in range(cfg.epochs):
         model.train()
         order = _sample_order(fitting, cfg.sampler, gen)
-        optim.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=dev)
-        for step, i in enumerate(order, start=1):
-            bag = _to_device(fit_data[i], dev)
-            with _autocast(dev):
-                out, tasks = model.forward_tasks(bag) if hasattr(model, "forward_tasks") else (model(bag), {})
-            y, c = y_all[i : i + 1].to(dev), c_all[i : i + 1].to(dev)
-            loss = loss_fn(out.logits.float(), y, c)
-            for task_logits in tasks.values():  # auxiliary heads trained on the same target (MuSTMIL's scales)
-                loss = loss + loss_fn(task_logits.float(), y, c)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss.float()
-            (loss / cfg.grad_accum).backward()
-            total += loss.detach()
-            if step % cfg.grad_accum == 0 or step == len(order):  # no gradient leaks into the next epoch
-                optim.step()
-                optim.zero_grad(set_to_none=True)
-            if progress:
-                progress("bag", step, len(order))
+        total = train_epoch(model, fit_bags, order, y_all, c_all, loss_fn, optim, cfg.grad_accum, cfg.pack,
+                            default_amp(dev), progress)
         entry = {"epoch": epoch, "train_loss": float(total) / max(1, len(order))}
         if select_data is not None and epoch >= cfg.warmup_epochs:
-            risk, _ = _risk(predict(model, select_data, dev))
-            score = _selection_score(select_labels, risk)
+            risk, _ = _risk(predict(model, select_data, dev, store))
+            score = _c_or_nan(select_labels.time, select_labels.event, risk)
             entry["selection_c_index"] = score
             if score > best["score"]:  # NaN (no comparable pair) never wins: the last epoch is kept
                 best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
@@ -204,14 +363,15 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         model.load_state_dict(best["state"])
 
     t_eval = time.perf_counter()
-    test_logits = predict(model, test_data, dev)
+    test_logits = predict(model, test_data, dev, store)
     test_risk, test_surv = _risk(test_logits)
-    train_risk, _ = _risk(predict(model, BagDataset(cohort, train_ids, card.scales, card=card, cache=cache), dev))
+    train_data = BagDataset(cohort, train_ids, card.scales, card=card, cache=cache)
+    train_risk, _ = _risk(predict(model, train_data, dev, store))
     cutoff = float(np.median(train_risk))
     metrics = fold_metrics(train.time, train.event, test.time, test.event, test_risk, test_surv, edges)
     metrics["logrank_p"] = logrank_p(test.time, test.event, test_risk, cutoff)
     if cohort.oracle_risk is not None:
-        metrics["oracle_c_index"] = harrell_c(test.time, test.event, cohort.oracle_risk.loc[test_ids].to_numpy())
+        metrics["oracle_c_index"] = _c_or_nan(test.time, test.event, cohort.oracle_risk.loc[test_ids].to_numpy())
     eval_seconds = time.perf_counter() - t_eval
 
     predictions = pd.DataFrame({"case_id": test_ids, "time": test.time, "event": test.event.astype(int),
@@ -221,6 +381,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     record = {
         "config": cfg.to_dict(), "config_hash": cfg.hash, "protocol": cfg.protocol, "fold": fold,
         "cohort": cfg.cohort, "model": cfg.model, "backbone": cfg.backbone,
+        "train_labels": {"case_id": train.case_ids, "time": train.time.tolist(),
+                         "event": train.event.astype(int).tolist()},  # lets leaderboards recompute Uno C, IBS, td-AUC
         "n_train": len(train_ids), "n_fit": len(fitting.case_ids), "n_select": len(select_ids), "n_test": len(test_ids),
         "in_dim": fit_data.in_dim, "bin_edges": edges.tolist(), "selected_epoch": best["epoch"], "history": history,
         "metrics": metrics, "n_params": sum(p.numel() for p in model.parameters()),

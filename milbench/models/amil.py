@@ -7,6 +7,7 @@ attention (256), attention-weighted sum, Linear(512->n_bins). ``variant="patchgc
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from milbench.data.bag import Bag
@@ -43,3 +44,10 @@ class AMIL(nn.Module):
         z, a = self.pool(h)
         logits = self.head(self.rho(z))
         return ModelOutput(logits, None, {"20x": a.detach()} if return_attention else {})
+
+    def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int,
+                       survival_loss=None) -> ModelOutput:
+        """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags, ``segment`` [sum N] the bag of
+        each row -> logits [n_bags, n_bins]; the softmax runs per bag, so each row equals ``forward`` of its bag."""
+        z, _ = self.pool(self.embed(features), segment, n_bags)
+        return ModelOutput(self.head(self.rho(z)))

@@ -52,16 +52,17 @@ def mlp(dims: list[int], dropout: float = 0.0, act: type[nn.Module] = nn.ReLU, l
 
 
 def segment_softmax(scores: torch.Tensor, segment: torch.Tensor | None, n_segments: int = 1) -> torch.Tensor:
-    """Softmax of ``scores`` [N] within each segment (bag); one segment when ``segment`` is None.
+    """Softmax of ``scores`` [N] (or [N, K]: K softmaxes) over the rows of each segment (bag); one segment when
+    ``segment`` is None.
 
     Used to pack several bags into one forward pass: numerically the same as one softmax per bag.
     """
     if segment is None:
         return torch.softmax(scores, dim=0)
-    seg_max = torch.full((n_segments,), float("-inf"), device=scores.device, dtype=scores.dtype)
-    seg_max = seg_max.scatter_reduce(0, segment, scores, reduce="amax", include_self=True)
+    seg_max = torch.full((n_segments, *scores.shape[1:]), float("-inf"), device=scores.device, dtype=scores.dtype)
+    seg_max = seg_max.scatter_reduce(0, _rows_index(segment, scores), scores, reduce="amax", include_self=True)
     e = torch.exp(scores - seg_max[segment])
-    denom = torch.zeros(n_segments, device=scores.device, dtype=e.dtype).index_add_(0, segment, e)
+    denom = torch.zeros(n_segments, *scores.shape[1:], device=scores.device, dtype=e.dtype).index_add_(0, segment, e)
     return e / denom[segment]
 
 
@@ -304,11 +305,11 @@ class NystromAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n + pad, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [B, h, L, dh]
         q_land = q.reshape(b, h, m, -1, dh).mean(3)
         k_land = k.reshape(b, h, m, -1, dh).mean(3)
+        landmark_values = F.scaled_dot_product_attention(q_land, k, v)  # softmax(q_l k^T) v: [B, h, m, dh]
         with torch.autocast(x.device.type, enabled=False):
             kernel = torch.softmax(q_land.float() @ k_land.float().transpose(-1, -2) / math.sqrt(dh), dim=-1)
             kernel_inv = iterative_pinv(kernel, self.pinv_iters)
-        landmark_values = F.scaled_dot_product_attention(q_land, k, v)  # softmax(q_l k^T) v: [B, h, m, dh]
-        mixed = (kernel_inv @ landmark_values.float()).to(landmark_values.dtype)
+            mixed = (kernel_inv @ landmark_values.float()).to(landmark_values.dtype)
         y = F.scaled_dot_product_attention(q, k_land, mixed) + self.residual_conv(v)
         y = self.out(y.transpose(1, 2).reshape(b, n + pad, h * dh))
         first = pad if self.slicing == "last" else 0
@@ -322,9 +323,10 @@ class NystromAttention(nn.Module):
                      kernel_inv: torch.Tensor) -> torch.Tensor:
         """softmax(q_row k_l^T) pinv softmax(q_l k^T) for one query row [B, h, dh] -> [B, L] mean over heads."""
         s = 1.0 / math.sqrt(self.head_dim)
-        left = torch.softmax(q_row.float().unsqueeze(2) @ k_land.float().transpose(-1, -2) * s, dim=-1) @ kernel_inv
-        right = torch.softmax(q_land.float() @ k.float().transpose(-1, -2) * s, dim=-1)  # [B, h, m, L]: O(N m)
-        return (left @ right).squeeze(2).mean(1)
+        with torch.autocast(k.device.type, enabled=False):
+            left = torch.softmax(q_row.float().unsqueeze(2) @ k_land.float().transpose(-1, -2) * s, -1) @ kernel_inv
+            right = torch.softmax(q_land.float() @ k.float().transpose(-1, -2) * s, dim=-1)  # [B, h, m, L]: O(N m)
+            return (left @ right).squeeze(2).mean(1)
 
 
 class WindowedSelfAttention(nn.Module):
@@ -362,3 +364,55 @@ class WindowedSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(windows(self.q(x)), windows(self.k(x)), windows(self.v(x)), attn_mask=mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(w, width, d)[window, pos])
+
+
+def _rows_index(segment: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``segment`` [N] broadcast to the shape of ``like`` [N, ...] (the index form scatter_reduce wants)."""
+    return segment.view(-1, *([1] * (like.dim() - 1))).expand_as(like)
+
+
+def segment_argmax(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Row index (into ``values`` [N, K]) of each segment's maximum per column -> [n_segments, K]; the first row on
+    ties, as ``argmax`` picks. No host synchronisation (packed DSMIL's critical instances)."""
+    index = _rows_index(segment, values)
+    seg_max = torch.full((n_segments, *values.shape[1:]), float("-inf"), device=values.device, dtype=values.dtype)
+    seg_max = seg_max.scatter_reduce(0, index, values, reduce="amax", include_self=True)
+    rows = torch.arange(values.shape[0], device=values.device).view(-1, *([1] * (values.dim() - 1)))
+    candidate = torch.where(values == seg_max[segment], rows, values.shape[0]).expand_as(values)
+    first = torch.full(seg_max.shape, values.shape[0], device=values.device, dtype=torch.long)
+    return first.scatter_reduce(0, index, candidate, reduce="amin", include_self=True)
+
+
+class _CompiledForward:
+    """A module's forward through ``torch.compile`` (dynamic shapes) for plain calls; a call that asks for more (a
+    keyword set to anything but None/False, such as an attention map, or a str/bool positional) runs the eager
+    forward, so rarely used paths are never compiled."""
+
+    def __init__(self, forward, backend: str) -> None:
+        self.eager = forward
+        self.compiled = torch.compile(forward, dynamic=True, backend=backend)
+
+    def __call__(self, *args, **kwargs):
+        plain = not any(isinstance(a, (str, bool)) for a in args)
+        plain = plain and all(v is None or v is False for v in kwargs.values())
+        return (self.compiled if plain else self.eager)(*args, **kwargs)
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """Compile in place every submodule whose type is in ``model.hot_blocks`` (a model's heavy, repeated blocks).
+
+    Same function, fewer kernels: pointwise ops, casts and norms fuse around the matmuls and attention, and the
+    Python/launch overhead of a step shrinks. Shapes are dynamic (one compilation serves every bag size and every
+    instance of a block type); parameter names and the state dict are untouched. Blocks, not the whole forward: the
+    square padding's side, ceil(sqrt(N)), is a symbolic size inductor cannot lower (PyTorch 2.11-2.13), so it stays
+    in eager glue and reaches the compiled PPEG / Conv Processor as a plain integer. Returns the number of compiled
+    blocks (blocks nested in a compiled block are traced with it).
+    """
+    types = tuple(getattr(model, "hot_blocks", ()))
+    compiled: list[str] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(c + ".") for c in compiled)
+        if types and isinstance(module, types) and not inside and not isinstance(module.forward, _CompiledForward):
+            module.forward = _CompiledForward(module.forward, backend)
+            compiled.append(name)
+    return len(compiled)

@@ -209,6 +209,9 @@ def init_crossfusion(model: nn.Module) -> None:
     description="10x queries 5x and 20x by cross-attention; Pad-Transformers per stream; Conv Processor fusion",
 )
 class CrossFusion(nn.Module):
+    # compiled by blocks.compile_blocks on the fast path (docs/performance.md)
+    hot_blocks = (CrossAttentionBlock, TransformerLayer, PPEG, ConvProcessor, ConcatFusion)
+
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, n_heads: int = 4, n_layers: int = 1,
                  mlp_ratio: float = 2.0, dropout: float = 0.3, attn_dropout: float = 0.2,
                  cross_attn_dropout: float = 0.0, attn_dropout_in_eval: bool = False) -> None:
@@ -283,6 +286,8 @@ class CrossFusionConcat(CrossFusion):
     description="CrossFusion on 20x only: one Pad-Transformer, Conv Processor without scale fusion, final transformer",
 )
 class CrossFusionSingle(nn.Module):
+    hot_blocks = (TransformerLayer, PPEG, ConvProcessor)  # compiled by blocks.compile_blocks on the fast path
+
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, n_heads: int = 4, n_layers: int = 1,
                  mlp_ratio: float = 2.0, dropout: float = 0.3, attn_dropout: float = 0.2,
                  attn_dropout_in_eval: bool = False) -> None:

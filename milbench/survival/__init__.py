@@ -10,16 +10,20 @@ from milbench.survival.losses import (
     nll_loss,
     risk_from_logits,
 )
-from milbench.survival.metrics import (
-    evaluation_times,
-    fold_metrics,
-    harrell_c,
-    integrated_brier,
-    logrank_p,
-    survival_at,
-    td_auc,
-    uno_c,
-)
+
+# The metrics need scikit-survival and lifelines, which take seconds to import and are not needed to train (or on a
+# GPU machine that only runs `milbench bench`): they load on first use (PEP 562).
+_METRICS = ("evaluation_times", "fold_metrics", "harrell_c", "integrated_brier", "logrank_p", "survival_at", "td_auc",
+            "uno_c")
+
+
+def __getattr__(name: str):
+    if name in _METRICS:
+        from milbench.survival import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module 'milbench.survival' has no attribute {name!r}")
+
 
 __all__ = [
     "SurvivalLoss", "assign_bins", "ce_loss", "cox_loss", "evaluation_times", "fit_bins", "fold_metrics",

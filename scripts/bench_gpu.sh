@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/performance.md in one invocation (about 8 minutes on one H100).
+#
+#   OUT=/path/to/results scripts/bench_gpu.sh        # run from the repository root
+#
+# Writes under $OUT: one JSON Lines file (records) and one markdown file (tables) per measurement, their logs,
+# env.txt (GPU, driver, versions), profile_crossfusion_avg.txt (top CUDA kernels of one compiled step), errors.md
+# (one line per failed or skipped measurement) and summary.md (everything, in the order of docs/performance.md).
+# Nothing is installed: milbench runs from the checkout (PYTHONPATH) on the machine's torch. Each measurement is a
+# separate process under a hard time limit taken from the budget left, so one failure or hang costs only itself;
+# `milbench bench` itself records an error line per failed model/bag and falls back to eager when compiling fails.
+set -u
+
+OUT=${OUT:-bench_out}
+BUDGET=${BUDGET:-500}            # seconds for the whole script
+WORKDIR=${WORKDIR:-$PWD}          # holds the epoch benchmark's cohort (about 19 GB) on a real disk, never under $OUT
+PY=${PYTHON:-python}
+# SMOKE=1: the same steps on the CPU with tiny bags, to check the script itself anywhere (seconds, not minutes).
+if [ "${SMOKE:-0}" = 1 ]; then
+    DEV=cpu; DIM=16; BAGS=(--bag 4,12,40 --bag 6,20,80); EPOCH=(--patients 6 --size 2,6,20 --disk-slides 3 --workers 1)
+    STEPS=(--steps 1 --warmup 1); PACKS=(32 8); PACKED_BAGS=(--bag 40); COMPILE=${COMPILE:-off}
+else
+    DEV=cuda; DIM=2048; BAGS=(--bag avg --bag p90 --bag max)
+    EPOCH=(--patients 1000 --size avg --disk-slides 64 --workers 8)
+    STEPS=(--steps 5 --warmup 2); PACKS=(32 8); PACKED_BAGS=(--bag avg --bag p90); COMPILE=${COMPILE:-blocks}
+fi
+mkdir -p "$OUT"
+: > "$OUT/errors.md"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# bench NAME SHARE ARGS...: `milbench bench ARGS` with at most SHARE seconds of measurements started (and a hard
+# limit of whatever budget is left), records in $OUT/NAME.jsonl, tables in $OUT/NAME.md, output in $OUT/NAME.log.
+bench() {
+    local name=$1 share=$2; shift 2
+    local limit; limit=$(left)
+    if [ "$limit" -le 20 ]; then echo "- $name: skipped, time budget spent" >> "$OUT/errors.md"; return; fi
+    [ "$share" -gt "$limit" ] && share=$limit
+    echo "== $name ($(date +%T), ${limit}s left): milbench bench $*"
+    timeout --kill-after=15 "$limit" "$PY" -m milbench.cli bench "$@" --budget "$share" \
+        --out "$OUT/$name.jsonl" --md "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    [ "$rc" -ne 0 ] && echo "- $name: exit code $rc (see $name.log)" >> "$OUT/errors.md"
+    tail -n 3 "$OUT/$name.log"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
+torch.version.cuda, torch.cuda.get_device_name(0)); import triton; print('triton', triton.__version__)" 2>&1
+    echo "cpu cores: $(nproc)"; echo "cc: $(command -v cc gcc | head -n 1)"; df -hT "$WORKDIR" | tail -n 1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+ANCHOR_MODELS=(--model crossfusion --model crossfusion_concat --model crossfusion_single --model transmil)
+
+# 1. The anchor table: the fast path (bf16 autocast, compiled hot blocks), 5 timed steps after 2, as the anchor.
+bench anchor_fast 230 "${ANCHOR_MODELS[@]}" "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
+    --compile "$COMPILE" "${STEPS[@]}"
+
+# 2. Packed bags: training throughput, one bag per step against 32 (and 8) bags per forward pass.
+bench packed 60 --model amil --model dsmil "${PACKED_BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
+    --pack "${PACKS[0]}"
+bench packed8 30 --model amil --model dsmil "${PACKED_BAGS[@]:0:2}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
+    --pack "${PACKS[1]}"
+
+# 3. End to end: 64 slides on disk read the reference's way, milbench's first and second epoch on them, and one
+#    epoch of 1,000 cached patients, CrossFusion at the average bag, width 2048.
+bench epoch 150 --epoch --model crossfusion "${EPOCH[@]}" --in-dim "$DIM" --device "$DEV" --compile "$COMPILE" \
+    --workdir "$WORKDIR"
+
+# 4. The attention kernel: on Hopper cuDNN's fused attention is often faster than FlashAttention-2 for training
+#    shapes; the large bags, where attention is 80-95% of the arithmetic, with cuDNN preferred (eager, bf16).
+bench sdpa_cudnn 60 --model crossfusion --model crossfusion_concat --model crossfusion_single "${BAGS[@]:2}" \
+    --in-dim "$DIM" --device "$DEV" --dtype bf16 --compile off --sdpa cudnn "${STEPS[@]}"
+
+# 5. Eager baselines: the same models without compilation, bf16 and the reference's fp16 autocast.
+bench anchor_eager 60 "${ANCHOR_MODELS[@]}" "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
+    --compile off "${STEPS[@]}"
+bench anchor_eager_fp16 30 --model crossfusion --model transmil "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" \
+    --dtype fp16 --compile off "${STEPS[@]}"
+
+# 6. Where a compiled CrossFusion step spends its GPU time (for the next round of work).
+if [ "$(left)" -gt 40 ]; then
+    DEV="$DEV" DIM="$DIM" COMPILE="$COMPILE" timeout --kill-after=10 "$(left)" "$PY" - > "$OUT/profile_crossfusion_avg.txt" 2>&1 \
+        <<'PYEOF' || echo "- profile: failed (see profile_crossfusion_avg.txt)" >> "$OUT/errors.md"
+import os
+
+import torch
+from milbench.bench import build_model, parse_bag, random_bag
+from milbench.engine import _as_float, bag_loss
+from milbench.survival.losses import get_loss
+
+dev, dim = torch.device(os.environ["DEV"]), int(os.environ["DIM"])
+bag = random_bag("crossfusion", parse_bag("avg" if dev.type == "cuda" else "4,12,40"), dim, dev)
+model = build_model("crossfusion", dim, dev, os.environ["COMPILE"])
+loss_fn, y, c = get_loss("nll", alpha=0.2), torch.tensor([1], device=dev), torch.tensor([0.0], device=dev)
+
+
+def step():
+    model.zero_grad(set_to_none=True)
+    bag_loss(model, _as_float(bag), y, c, loss_fn, torch.bfloat16 if dev.type == "cuda" else None).backward()
+
+
+for _ in range(3):
+    step()
+cuda = dev.type == "cuda"
+activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+with torch.profiler.profile(activities=activities) as prof:
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+events = prof.key_averages()
+print(events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30, max_name_column_width=70))
+PYEOF
+else
+    echo "- profile: skipped, time budget spent" >> "$OUT/errors.md"
+fi
+
+{
+    echo "# milbench bench: scripts/bench_gpu.sh"
+    echo; echo '```'; cat "$OUT/env.txt"; echo '```'; echo
+    for name in anchor_fast packed packed8 epoch sdpa_cudnn anchor_eager anchor_eager_fp16; do
+        [ -s "$OUT/$name.md" ] && { echo "## $name"; echo; cat "$OUT/$name.md"; echo; }
+    done
+    echo "## errors and skips"; echo; cat "$OUT/errors.md"
+    echo; echo "total: $(( $(date +%s) - START )) s"
+} > "$OUT/summary.md"
+echo "summary: $OUT/summary.md ($(( $(date +%s) - START )) s)"
