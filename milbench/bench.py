@@ -159,10 +159,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
 class _PeakMemory:
     """Peak memory over a region: ``torch.cuda.max_memory_allocated`` on CUDA (absolute: weights and inputs
-    included, as in the anchor); on the CPU the rise of the peak resident set (VmHWM, reset through
-    /proc/self/clear_refs) over the resident set at the start (the step's working memory)."""
+    included, as in the anchor). On the CPU, the rise of the resident set's high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) over the resident set at the start: the region's working memory (activations,
+    gradients, the float32 copy of the features), weights and inputs excluded. glibc keeps freed memory mapped, so
+    inside the region large blocks come from (and return to) the kernel (mmap threshold 1 MiB, after a trim);
+    that slows allocation, so on the CPU memory is measured on one extra call after the timed ones, and the
+    threshold is set back to glibc's largest dynamic value (32 MiB) after it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -172,12 +179,17 @@ class _PeakMemory:
         _sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.kind = "rss_process_peak"  # no reset possible: the process's peak so far
-            self.start = _status_bytes("VmRSS")
+            return self
+        try:
+            import ctypes
+
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+            self.libc.malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+        except (OSError, AttributeError):
+            self.kind = "rss_process_peak"  # no reset possible: the process's peak so far
+        self.start = _status_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -187,6 +199,8 @@ class _PeakMemory:
         else:
             high = _status_bytes("VmHWM")
             self.peak = high if self.kind == "rss_process_peak" else max(0, high - self.start)
+            if self.kind == "rss_peak_rise":
+                self.libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def _status_bytes(field_name: str) -> int:
@@ -197,24 +211,26 @@ def _status_bytes(field_name: str) -> int:
 
 
 def _time_calls(fn: Callable[[], None], device: torch.device, steps: int, warmup: int) -> tuple[list[float], int]:
-    """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` calls, and the peak memory over them."""
+    """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` calls, and the peak memory of a call
+    (over the timed calls on CUDA, on one more call on the CPU; see :class:`_PeakMemory`)."""
     for _ in range(warmup):
         fn()
-    with _PeakMemory(device) as mem:
-        times = []
-        if device.type == "cuda":
+    if device.type == "cuda":
+        with _PeakMemory(device) as mem:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
             for start, end in events:
                 start.record()
                 fn()
                 end.record()
             torch.cuda.synchronize(device)
-            times = [s.elapsed_time(e) for s, e in events]
-        else:
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(1000 * (time.perf_counter() - t0))
+        return [s.elapsed_time(e) for s, e in events], mem.peak
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    with _PeakMemory(device) as mem:
+        fn()
     return times, mem.peak
 
 
@@ -309,14 +325,17 @@ class _Bags:
 
 
 def bench_packed(name: str, size: BagSize, in_dim: int, device: torch.device, pack: int, dtype: str = "bf16",
-                 n_bags: int = 256, grad_accum: int = 32, repeats: int = 3, compile_mode: str = "off",
-                 backend: str = "inductor") -> dict[str, Any]:
+                 n_bags: int | None = None, grad_accum: int = 32, repeats: int | None = None,
+                 compile_mode: str = "off", backend: str = "inductor") -> dict[str, Any]:
     """Training throughput (bags per second) of one bag per step against ``pack`` bags per forward pass.
 
     Both run the engine's epoch loop (:func:`milbench.engine.train_epoch`) over ``n_bags`` bags (``pack`` distinct
     random bags of ``size``, cycled) with Adam stepping every ``grad_accum`` bags: forward, loss, backward and the
-    optimizer, as in training. The best of ``repeats`` timed passes after one warm-up pass.
+    optimizer, as in training. The best of ``repeats`` timed passes after one warm-up pass (by default 256 bags and
+    3 passes on CUDA, 64 and 1 on the CPU).
     """
+    cuda = device.type == "cuda"
+    n_bags, repeats = n_bags or (256 if cuda else 64), repeats or (3 if cuda else 1)
     record = {**_base_record(name, size, in_dim, device, dtype), "pack": pack, "bags_timed": n_bags,
               "grad_accum": grad_accum}
     bags = _Bags([random_bag(name, size, in_dim, device, seed=i) for i in range(pack)])
