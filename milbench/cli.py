@@ -258,7 +258,8 @@ def _print_cells(cells: pd.DataFrame, metric: str) -> None:
 
 @app.command()
 def bench(
-    model: list[str] = typer.Option([], "--model", "-m", help="Model to time; repeat for several (default crossfusion)."),
+    model: list[str] = typer.Option([], "--model", "-m",
+                                    help="Model to time; repeat for several (default crossfusion)."),
     bag: list[str] = typer.Option([], "--bag", help="avg | p90 | max | avg/16 (scaled down) | N20 | N5,N10,N20; "
                                   "repeat for several (default avg)."),
     in_dim: int = typer.Option(2048, help="Feature width."),
@@ -270,7 +271,8 @@ def bench(
                                  "(torch.compile the models' hot blocks: the engine's fast path)."),
     pack: int = typer.Option(0, help="Training throughput, one bag per step against PACK bags per forward pass."),
     sdpa: str = typer.Option("default", help="Attention kernel preferred: default | cudnn | flash | efficient | math."),
-    epoch: bool = typer.Option(False, "--epoch", help="End-to-end epochs from disk: the reference's loading vs milbench."),
+    epoch: bool = typer.Option(False, "--epoch",
+                               help="End-to-end epochs from disk: the reference's loading vs milbench."),
     patients: int = typer.Option(1000, help="--epoch: patients in milbench's cached epoch."),
     size: str = typer.Option("avg", help="--epoch: bag size of every synthetic patient."),
     disk_slides: int = typer.Option(64, help="--epoch: slides written to disk (float32 .pt and .h5)."),

@@ -263,3 +263,15 @@ def test_compile_fallback_measures_the_eager_model(monkeypatch):
     assert record["compile"] == "off" and "no compiler here" in record["compile_error"] and record["step_ms"] > 0
     assert build_model("amil", 8, CPU).training
     assert np.isfinite(record["step_ms"])
+
+
+@pytest.mark.parametrize("name", ["amil", "dsmil"])
+def test_packed_bf16_stays_within_bf16_of_one_bag_at_a_time(name):
+    """Under bf16 autocast the engine packs the patches in bf16 (its contract with forward_packed)."""
+    torch.manual_seed(0)
+    model = create_model(name, in_dim=12).eval()
+    xs = _bags(seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        single = torch.cat([model(Bag(str(i), {"20x": x})).logits.float() for i, x in enumerate(xs)])
+        packed = model.forward_packed(torch.cat(xs).bfloat16(), _segment(), len(xs)).logits.float()
+    assert ((packed - single).abs().max() / single.abs().max()).item() < 2e-2

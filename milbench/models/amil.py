@@ -47,7 +47,8 @@ class AMIL(nn.Module):
 
     def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int,
                        survival_loss=None) -> ModelOutput:
-        """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags, ``segment`` [sum N] the bag of
-        each row -> logits [n_bags, n_bins]; the softmax runs per bag, so each row equals ``forward`` of its bag."""
+        """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags (float32, or the autocast dtype
+        under autocast: they only enter the embedding's Linear), ``segment`` [sum N] the bag of each row -> logits
+        [n_bags, n_bins]; the softmax runs per bag, so each row equals ``forward`` of its bag."""
         z, _ = self.pool(self.embed(features), segment, n_bags)
         return ModelOutput(self.head(self.rho(z)))

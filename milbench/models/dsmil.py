@@ -81,8 +81,9 @@ class DSMIL(nn.Module):
 
     def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int,
                        survival_loss=None) -> ModelOutput:
-        """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags, ``segment`` [sum N] the bag of
-        each row -> logits [n_bags, n_bins], each row equal to ``forward`` of its bag.
+        """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags (float32, or the autocast dtype
+        under autocast: they only enter autocast matmuls, where they are cast to it anyway), ``segment`` [sum N] the
+        bag of each row -> logits [n_bags, n_bins], each row equal to ``forward`` of its bag.
 
         Every bag's critical instances are its own (per-bag argmax) and its critical queries attend to its own
         patches only (softmax per bag); the attended vectors are one matmul with a bag-block-diagonal weight matrix.
@@ -95,9 +96,10 @@ class DSMIL(nn.Module):
         q = self.query(x)  # [N, 128]
         k = c.shape[1]
         q_crit = q[critical.view(-1)]  # [n_bags * n_bins, 128]
-        scores = (q @ q_crit.T).view(-1, n_bags, k)  # every patch against every bag's critical queries ...
-        scores = scores[torch.arange(x.shape[0], device=x.device), segment]  # ... keeping its own bag's: [N, n_bins]
-        a = segment_softmax(scores.float() / math.sqrt(q.shape[1]), segment, n_bags).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # float32 scores, as inside the fused attention kernel
+            scores = (q.float() @ q_crit.float().T).view(-1, n_bags, k)  # every patch against every bag's queries,
+        scores = scores[torch.arange(x.shape[0], device=x.device), segment]  # keeping its own bag's: [N, n_bins]
+        a = segment_softmax(scores / math.sqrt(q.shape[1]), segment, n_bags).to(x.dtype)
         blocks = F.one_hot(segment, n_bags).to(a.dtype).unsqueeze(-1) * a.unsqueeze(1)  # [N, n_bags, n_bins]
         b = (blocks.view(x.shape[0], -1).T @ x).view(n_bags, k, -1)  # [n_bags, n_bins, D]
         logits = self.bag_classifier(b).squeeze(-1)  # [n_bags, n_bins]
