@@ -22,7 +22,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     DEV=cuda; DIM=2048; BAGS=(--bag avg --bag p90 --bag max)
     EPOCH=(--patients 1000 --size avg --disk-slides 64 --workers 8)
-    STEPS=(--steps 5 --warmup 2); PACKS=(32 8); PACKED_BAGS=(--bag avg --bag p90); COMPILE=${COMPILE:-blocks}
+    STEPS=(--steps 5 --warmup 2); PACKS=(32 8); PACKED_BAGS=(--bag avg --bag p90 --bag avg/8)
+    COMPILE=${COMPILE:-blocks}
 fi
 mkdir -p "$OUT"
 : > "$OUT/errors.md"
