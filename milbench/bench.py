@@ -293,8 +293,10 @@ def _why(err: BaseException) -> str:
 
 
 def bench_step(name: str, size: BagSize, in_dim: int, device: torch.device, dtype: str = "bf16", steps: int = 10,
-               warmup: int = 3, compile_mode: str = "off", backend: str = "inductor") -> dict[str, Any]:
-    """Median training-step time (forward + loss + backward of one bag) and peak memory of ``name`` on one bag."""
+               warmup: int = 3, compile_mode: str = "off", backend: str = "inductor",
+               profile: bool = False) -> dict[str, Any]:
+    """Median training-step time (forward + loss + backward of one bag) and peak memory of ``name`` on one bag;
+    with ``profile``, where one step's time goes (:func:`profile_step`)."""
     record = _base_record(name, size, in_dim, device, dtype)
     bag = random_bag(name, size, in_dim, device)
     loss_fn = get_loss("nll", alpha=0.2)
@@ -313,9 +315,39 @@ def bench_step(name: str, size: BagSize, in_dim: int, device: torch.device, dtyp
         return {"params": count_parameters(model), "steps": steps, "warmup": warmup,
                 "step_ms": statistics.median(times),
                 "step_ms_min": min(times), "step_ms_all": [round(t, 3) for t in times], "peak_bytes": peak,
-                "peak_kind": _PeakMemory(device).kind}
+                "peak_kind": _PeakMemory(device).kind, **(profile_step(step, device) if profile else {})}
 
     return _with_compile_fallback(record, name, in_dim, device, compile_mode, measure, backend)
+
+
+def profile_step(step: Callable[[], None], device: torch.device, rows: int = 15) -> dict[str, Any]:
+    """Where one step's time goes: the host time to issue it (no sync; close to the step time when the host is the
+    bottleneck), the summed kernel time on the device, kernel and aten-op counts, torch.compile's graph counters,
+    and the top kernels by device time and ops by host time (torch.profiler)."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    issue = []
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        issue.append(1000 * (time.perf_counter() - t0))
+        _sync(device)
+    cuda = device.type == "cuda"
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        _sync(device)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"host_issue_ms": statistics.median(issue),
+            "device_busy_ms": sum(e.self_device_time_total for e in kernels) / 1000 if cuda else None,
+            "kernels": sum(e.count for e in kernels), "aten_ops": sum(e.count for e in events
+                                                                      if e.key.startswith("aten::")),
+            "compile_stats": dict(counters["stats"]),
+            "top_device": events.table(sort_by="self_device_time_total", row_limit=rows) if cuda else "",
+            "top_host": events.table(sort_by="self_cpu_time_total", row_limit=rows)}
 
 
 class _Bags:
@@ -626,7 +658,7 @@ def sdpa_preference(name: str):
 def run(models: list[str], bags: list[str], in_dim: int, device: torch.device, dtype: str | None = None,
         steps: int | None = None, warmup: int | None = None, compile_mode: str = "auto", pack: int = 0,
         budget_s: float | None = None, report: Callable[[dict[str, Any]], None] | None = None,
-        sdpa: str = "default") -> list[dict[str, Any]]:
+        sdpa: str = "default", profile: bool = False) -> list[dict[str, Any]]:
     """Step times (or, with ``pack``, packed throughput) of every model at every bag size; defaults per device:
     bf16, compiled hot blocks, 10 steps after 3 warm-up on CUDA; float32, eager, 3 steps after 1 on the CPU.
     ``compile_mode``: auto (blocks on CUDA, off on the CPU), off or blocks; ``sdpa``: the attention kernel
@@ -651,7 +683,8 @@ def run(models: list[str], bags: list[str], in_dim: int, device: torch.device, d
                 with sdpa_preference(sdpa):
                     record = _guarded(lambda: bench_packed(name, size, in_dim, device, pack, dtype,
                                                            compile_mode=compile_mode) if pack else
-                                      bench_step(name, size, in_dim, device, dtype, steps, warmup, compile_mode),
+                                      bench_step(name, size, in_dim, device, dtype, steps, warmup, compile_mode,
+                                                 profile=profile),
                                       {"model": name, "bag": size.name, "device": str(device)}, device)
                 record["sdpa"] = sdpa
             records.append(record)
@@ -743,6 +776,19 @@ def markdown(records: list[dict[str, Any]]) -> str:
                          f"{r['single_bags_per_s']:.1f} | {r['packed_bags_per_s']:.1f} | {r['speedup']:.1f}x | "
                          f"{rate} | {ratio} | {_gib(r['single_peak_bytes'])} / {_gib(r['packed_peak_bytes'])} |")
         lines.append("")
+    profiled = [r for r in records if "host_issue_ms" in r]
+    if profiled:
+        lines += ["| model | bag | compile | attention kernel preferred | step ms | host issue ms | device busy ms "
+                  "| kernels | aten ops |", "|" + "---|" * 9]
+        for r in profiled:
+            busy = "-" if r["device_busy_ms"] is None else f"{r['device_busy_ms']:.2f}"
+            lines.append(f"| {r['model']} | {r['bag']} | {r['compile']} | {r.get('sdpa', 'default')} | "
+                         f"{r['step_ms']:.2f} | {r['host_issue_ms']:.2f} | {busy} | {r['kernels']} | "
+                         f"{r['aten_ops']} |")
+        lines.append("")
+        for r in profiled:
+            lines += [f"{r['model']} {r['bag']}, compile {r['compile']}, attention {r.get('sdpa', 'default')}:", "",
+                      "```", r["top_device"], r["top_host"], "```", ""]
     for r in (r for r in records if r.get("kind") == "epoch" and "milbench_cached" in r):
         ref, disk, cached = r["reference"], r["milbench_disk"], r["milbench_cached"]
         lines += [f"End to end, {r['model']} at {r['bag']} bags, width {r['in_dim']}, {r['device_name']} "

@@ -17,6 +17,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Benchmark MIL survival models on WSI patch features: same folds, loss, metrics and protocol.")
 console = Console()
 
+# Execution options shared by `run` and `grid`.
+EXECUTOR = typer.Option("local", help="local (this process, or --max-parallel worker processes) | ray")
+RAY_ADDRESS = typer.Option(None, help="Ray cluster to join (e.g. auto); default: a local instance.")
+GPUS_PER_FOLD = typer.Option(None, help="Ray: GPUs per fold, fractions share a GPU (default 1 if the cluster has "
+                             "GPUs, else 0).")
+CPUS_PER_FOLD = typer.Option(1, help="CPU cores and torch threads per fold.")
+MAX_PARALLEL = typer.Option(None, help="Folds at once (local default 1; ray default: no limit).")
+
 
 def _folds(text: Optional[str]) -> Optional[list[int]]:
     if not text:
@@ -46,12 +54,11 @@ def run(
     exclude_missing: bool = typer.Option(False, help="Drop slides without feature files (listed in the record)."),
     save_checkpoints: bool = typer.Option(False, help="Keep each fold's model weights (for attention heatmaps)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option: key=value."),
-    executor: str = typer.Option("local", help="local (this process, or --max-parallel worker processes) | ray"),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto); default: a local instance."),
-    gpus_per_fold: Optional[float] = typer.Option(None, help="Ray: GPUs per fold, fractions share a GPU "
-                                                  "(default 1 if the cluster has GPUs, else 0)."),
-    cpus_per_fold: int = typer.Option(1, help="CPU cores and torch threads per fold."),
-    max_parallel: Optional[int] = typer.Option(None, help="Folds at once (local default 1; ray default: no limit)."),
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
+    cpus_per_fold: int = CPUS_PER_FOLD,
+    max_parallel: Optional[int] = MAX_PARALLEL,
 ) -> None:
     """Cross-validate models on a cohort; completed folds are skipped, each fold's record is stored."""
     from milbench.config import make_config, parse_set
@@ -92,12 +99,11 @@ def grid(
     folds: Optional[str] = typer.Option(None, help="Folds to run, e.g. 0,1 (default: all)."),
     features: Optional[str] = typer.Option(None, help="Features root ROOT/<backbone>/x20/...; '{cohort}' in it is "
                                            "replaced by each cohort's name."),
-    executor: str = typer.Option("local", help="local (this process, or --max-parallel worker processes) | ray"),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto); default: a local instance."),
-    gpus_per_fold: Optional[float] = typer.Option(None, help="Ray: GPUs per fold, fractions share a GPU "
-                                                  "(default 1 if the cluster has GPUs, else 0)."),
-    cpus_per_fold: int = typer.Option(1, help="CPU cores and torch threads per fold."),
-    max_parallel: Optional[int] = typer.Option(None, help="Folds at once (local default 1; ray default: no limit)."),
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
+    cpus_per_fold: int = CPUS_PER_FOLD,
+    max_parallel: Optional[int] = MAX_PARALLEL,
     retries: int = typer.Option(2, help="Retries of a failed fold (bad input is never retried)."),
     node_cache: Optional[Path] = typer.Option(None, help="Node-local folder: each node copies the feature files of "
                                               "its folds there once and reads them from there."),
@@ -271,6 +277,7 @@ def bench(
                                  "(torch.compile the models' hot blocks: the engine's fast path)."),
     pack: int = typer.Option(0, help="Training throughput, one bag per step against PACK bags per forward pass."),
     sdpa: str = typer.Option("default", help="Attention kernel preferred: default | cudnn | flash | efficient | math."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile one step: host vs device time, top kernels."),
     epoch: bool = typer.Option(False, "--epoch",
                                help="End-to-end epochs from disk: the reference's loading vs milbench."),
     patients: int = typer.Option(1000, help="--epoch: patients in milbench's cached epoch."),
@@ -312,7 +319,7 @@ def bench(
                              workers, compile_))
     else:
         lib.run(model or ["crossfusion"], bag or ["avg"], in_dim, dev, dtype, steps, warmup, compile_, pack, budget,
-                report, sdpa)
+                report, sdpa, profile)
     if json_:
         print(json.dumps(records, indent=1))
     else:
