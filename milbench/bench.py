@@ -21,7 +21,7 @@ import platform
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -376,6 +376,9 @@ def bench_packed(name: str, size: BagSize, in_dim: int, device: torch.device, pa
     record = {**_base_record(name, size, in_dim, device, dtype), "pack": pack, "bags_timed": n_bags,
               "grad_accum": grad_accum}
     bags = _Bags([random_bag(name, size, in_dim, device, seed=i) for i in range(pack)])
+    # packed training stores the bags in the autocast dtype (engine.DeviceBagStore's dtype), one bag at a time
+    packed_bags = _Bags([replace(b, features={k: v.to(DTYPES[dtype] or v.dtype) for k, v in b.features.items()})
+                         for b in bags.bags])
     loss_fn = get_loss("nll", alpha=0.2)
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (n_bags,), generator=gen).to(device)
@@ -387,8 +390,10 @@ def bench_packed(name: str, size: BagSize, in_dim: int, device: torch.device, pa
         optim = torch.optim.Adam(model.parameters(), lr=1e-4)
         out: dict[str, Any] = {"params": count_parameters(model)}
         for label, per_pass in (("single", 1), ("packed", pack)):
+            held = bags if per_pass == 1 or DTYPES[dtype] is None else packed_bags
+
             def epoch() -> None:
-                train_epoch(model, bags, order, y, c, loss_fn, optim, grad_accum, per_pass, DTYPES[dtype])
+                train_epoch(model, held, order, y, c, loss_fn, optim, grad_accum, per_pass, DTYPES[dtype])
 
             times, peak = _time_calls(epoch, device, repeats, 1)
             out[f"{label}_bags_per_s"] = n_bags / (min(times) / 1000)

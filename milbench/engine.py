@@ -109,11 +109,14 @@ class DeviceBagStore:
     On CUDA the budget is the free memory at creation less a tenth of the GPU (left for training), so a cohort that
     fits is read from the host once per process; bags beyond the budget are copied per use (non-blocking). A
     stored bag may also live in pinned host memory (``put``): it is then copied per use without a host sync.
-    ``fetch`` returns fresh dicts, so a caller adding extras never alters the stored bag.
+    ``fetch`` returns fresh dicts, so a caller adding extras never alters the stored bag. ``dtype`` stores the
+    features in another precision: the autocast dtype when bags are packed (``forward_packed`` only feeds them to
+    autocast ops, which cast them to it anyway), so the concatenation of a packed step moves half the bytes.
     """
 
-    def __init__(self, device: torch.device, max_bytes: int | None = None) -> None:
+    def __init__(self, device: torch.device, max_bytes: int | None = None, dtype: torch.dtype | None = None) -> None:
         self.device = torch.device(device)
+        self.dtype = dtype
         if self.device.type == "cuda" and self.device.index is None:  # compare equal to the tensors' cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())
         if max_bytes is None:
@@ -139,7 +142,10 @@ class DeviceBagStore:
         """The bag under ``key`` on the device (``load()`` gives it from the host cache on a miss)."""
         bag = self._bags.get(key)
         if bag is None:
-            bag = load().to(self.device)
+            bag = load()
+            if self.dtype is not None:
+                bag = replace(bag, features={k: v.to(self.device).to(self.dtype) for k, v in bag.features.items()})
+            bag = bag.to(self.device)
             if self.fits(_bag_bytes(bag)):
                 self.put(key, bag)
         elif next(iter(bag.features.values())).device != self.device:
@@ -331,7 +337,7 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     check_pack(model, cfg.model, cfg.pack, cfg.grad_accum)
     if compile and dev.type == "cuda":
         compile_blocks(model)
-    store = DeviceBagStore(dev)
+    store = DeviceBagStore(dev, dtype=default_amp(dev) if cfg.pack > 1 else None)
     if hasattr(model, "fit_priors"):
         model.fit_priors([_to_device(fit_data[i], dev) for i in range(len(fit_data))])
     loss_fn = get_loss(cfg.loss, alpha=cfg.alpha)

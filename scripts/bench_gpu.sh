@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of docs/performance.md in one invocation (about 8 minutes on one H100).
 #
-#   OUT=/path/to/results scripts/bench_gpu.sh        # run from the repository root
+#   OUT=/path/to/results scripts/bench_gpu.sh            # run from the repository root
+#   OUT=/path/to/results scripts/bench_gpu.sh diagnose   # 3-4 minutes: where a step's time goes (profiles)
 #
 # Writes under $OUT: one JSON Lines file (records) and one markdown file (tables) per measurement, their logs,
 # env.txt (GPU, driver, versions), profile_crossfusion_avg.txt (top CUDA kernels of one compiled step), errors.md
@@ -58,6 +59,25 @@ torch.version.cuda, torch.cuda.get_device_name(0)); import triton; print('triton
 cat "$OUT/env.txt"
 
 ANCHOR_MODELS=(--model crossfusion --model crossfusion_concat --model crossfusion_single --model transmil)
+SECTIONS=(anchor_fast packed packed8 epoch sdpa_flash anchor_eager anchor_eager_fp16)
+
+if [ "${1:-all}" = diagnose ]; then
+    # One profiled step each (host time to issue it, summed kernel time, kernel and aten-op counts, top kernels and
+    # ops): CrossFusion at the average bag eager with FlashAttention-2 and with cuDNN attention, compiled with
+    # FlashAttention-2, and the other models at the average bag; then CrossFusion at p90 with each kernel.
+    SECTIONS=(diag_cf_eager_flash diag_cf_eager_cudnn diag_cf_compiled_flash diag_models diag_p90_flash diag_p90_cudnn)
+    AVG=(--bag "${BAGS[1]}"); P90=(--bag "${BAGS[3]}")
+    COMMON=(--in-dim "$DIM" --device "$DEV" --dtype bf16 "${STEPS[@]}")
+    bench diag_cf_eager_flash 40 --model crossfusion "${AVG[@]}" "${COMMON[@]}" --compile off --sdpa flash --profile
+    bench diag_cf_eager_cudnn 40 --model crossfusion "${AVG[@]}" "${COMMON[@]}" --compile off --sdpa cudnn --profile
+    bench diag_cf_compiled_flash 40 --model crossfusion "${AVG[@]}" "${COMMON[@]}" --compile "$COMPILE" \
+        --sdpa flash --profile
+    bench diag_models 60 --model transmil --model crossfusion_single --model amil --model dsmil "${AVG[@]}" \
+        "${COMMON[@]}" --compile off --profile
+    bench diag_p90_flash 30 --model crossfusion "${P90[@]}" "${COMMON[@]}" --compile off --sdpa flash
+    bench diag_p90_cudnn 30 --model crossfusion "${P90[@]}" "${COMMON[@]}" --compile off --sdpa cudnn
+fi
+if [ "${1:-all}" = all ]; then
 
 # 1. The anchor table: the fast path (bf16 autocast, compiled hot blocks), 5 timed steps after 2, as the anchor.
 bench anchor_fast 230 "${ANCHOR_MODELS[@]}" "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
@@ -74,10 +94,11 @@ bench packed8 30 --model amil --model dsmil "${PACKED_BAGS[@]:0:2}" --in-dim "$D
 bench epoch 150 --epoch --model crossfusion "${EPOCH[@]}" --in-dim "$DIM" --device "$DEV" --compile "$COMPILE" \
     --workdir "$WORKDIR"
 
-# 4. The attention kernel: on Hopper cuDNN's fused attention is often faster than FlashAttention-2 for training
-#    shapes; the large bags, where attention is 80-95% of the arithmetic, with cuDNN preferred (eager, bf16).
-bench sdpa_cudnn 60 --model crossfusion --model crossfusion_concat --model crossfusion_single "${BAGS[@]:2}" \
-    --in-dim "$DIM" --device "$DEV" --dtype bf16 --compile off --sdpa cudnn "${STEPS[@]}"
+# 4. The attention kernel: on this H100 PyTorch prefers cuDNN's fused attention once the first attention has run
+#    (`sdpa_priority` in the records); the large bags, where attention is 80-95% of the arithmetic, with
+#    FlashAttention-2 preferred instead (eager, bf16), to compare with the eager rows below.
+bench sdpa_flash 60 --model crossfusion --model crossfusion_concat --model crossfusion_single "${BAGS[@]:2}" \
+    --in-dim "$DIM" --device "$DEV" --dtype bf16 --compile off --sdpa flash "${STEPS[@]}"
 
 # 5. Eager baselines: the same models without compilation, bf16 and the reference's fp16 autocast.
 bench anchor_eager 60 "${ANCHOR_MODELS[@]}" "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
@@ -121,11 +142,12 @@ PYEOF
 else
     echo "- profile: skipped, time budget spent" >> "$OUT/errors.md"
 fi
+fi
 
 {
     echo "# milbench bench: scripts/bench_gpu.sh"
     echo; echo '```'; cat "$OUT/env.txt"; echo '```'; echo
-    for name in anchor_fast packed packed8 epoch sdpa_cudnn anchor_eager anchor_eager_fp16; do
+    for name in "${SECTIONS[@]}"; do
         [ -s "$OUT/$name.md" ] && { echo "## $name"; echo; cat "$OUT/$name.md"; echo; }
     done
     echo "## errors and skips"; echo; cat "$OUT/errors.md"

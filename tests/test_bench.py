@@ -167,6 +167,9 @@ def test_device_store_hands_out_float32_copies_and_keeps_its_bags_clean():
     got.extras["survival_loss"] = len
     assert "survival_loss" not in store.fetch("a", lambda: None, as_float=False).extras
     assert store.fetch("b", lambda: half, as_float=False).features["20x"].dtype == torch.float16
+    packing = DeviceBagStore(CPU, dtype=torch.bfloat16)  # packed steps keep the bags in the autocast dtype
+    got = packing.fetch("a", lambda: half, as_float=False).features["20x"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, half.features["20x"].bfloat16())
 
 
 def test_bench_step_reports_a_positive_time_and_the_parameter_count():
