@@ -76,6 +76,92 @@ if [ "${1:-all}" = diagnose ]; then
         "${COMMON[@]}" --compile off --profile
     bench diag_p90_flash 30 --model crossfusion "${P90[@]}" "${COMMON[@]}" --compile off --sdpa flash
     bench diag_p90_cudnn 30 --model crossfusion "${P90[@]}" "${COMMON[@]}" --compile off --sdpa cudnn
+    # The token-grid convolutions alone (PPEG: depthwise 7/5/3; Conv Processor: grouped, 2 channels per group),
+    # forward + backward, bf16 autocast, at the grids of the average bag (59 x 59) and of its 20x tokens (117 x 117):
+    # as the models run them (a channels-last view of the tokens), on a contiguous NCHW copy, and the depthwise
+    # ones as a compiled sum of shifted products (one fused kernel instead of cuDNN).
+    SECTIONS+=(diag_convs)
+    DEV="$DEV" timeout --kill-after=10 "$(left)" "$PY" - > "$OUT/diag_convs.md" 2> "$OUT/diag_convs.log" <<'PYEOF' \
+        || echo "- diag_convs: failed (see diag_convs.log)" >> "$OUT/errors.md"
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from milbench.models.blocks import PPEG
+from milbench.models.crossfusion import ConvProcessor
+
+dev = torch.device(os.environ["DEV"])
+cuda = dev.type == "cuda"
+amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+
+
+def ms(fn, n=10):
+    """Median milliseconds of fn() (forward + backward) after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            import time
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def shifted_depthwise(grid, conv):
+    """conv(grid) for a depthwise conv with odd kernel and 'same' padding, as a sum of shifted products."""
+    k = conv.kernel_size[0]
+    p = k // 2
+    h, w = grid.shape[-2:]
+    padded = F.pad(grid, (p, p, p, p))
+    out = conv.bias.view(1, -1, 1, 1).to(grid.dtype)
+    weight = conv.weight.to(grid.dtype)
+    for dy in range(k):
+        for dx in range(k):
+            out = out + weight[:, 0, dy, dx].view(1, -1, 1, 1) * padded[:, :, dy:dy + h, dx:dx + w]
+    return out
+
+
+def ppeg_shifted(ppeg, tokens, side):
+    b, n, d = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+    return grid + sum(shifted_depthwise(grid, c) for c in (ppeg.proj7, ppeg.proj5, ppeg.proj3))
+
+
+compiled_shifted = torch.compile(ppeg_shifted, dynamic=False)
+print("| grid | block | variant | fwd + bwd ms |")
+print("|---|---|---|---|")
+for side in (59, 117) if cuda else (7,):
+    x = torch.randn(1, side * side, 512, device=dev, requires_grad=True)
+    ppeg = PPEG(512).to(dev)
+    fusion = ConvProcessor(512, 0.3, n_scales=3).to(dev)
+    rows = {
+        ("PPEG", "as the model runs it (channels-last view)"): lambda: ppeg(x, side),
+        ("PPEG", "contiguous NCHW copy"): lambda: ppeg(x.transpose(1, 2).reshape(1, 512, side, side).contiguous()
+                                                  .flatten(2).transpose(1, 2), side),
+        ("PPEG", "compiled sum of shifted products"): lambda: compiled_shifted(ppeg, x, side),
+        ("Conv Processor", "as the model runs it"): lambda: fusion([x, x * 1.5, x * 0.5], side),
+    }
+    for (block, variant), fwd in rows.items():
+        def step():
+            with amp:
+                y = fwd()
+            y.float().sum().backward()
+        try:
+            print(f"| {side} x {side} | {block} | {variant} | {ms(step):.2f} |", flush=True)
+        except Exception as err:
+            print(f"| {side} x {side} | {block} | {variant} | failed: {type(err).__name__}: {str(err)[:120]} |")
+PYEOF
 fi
 if [ "${1:-all}" = all ]; then
 
