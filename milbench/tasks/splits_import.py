@@ -184,11 +184,7 @@ def import_cohort(name: str, source: Path, out: Path) -> ImportResult:
         "steps": _steps(cohort, filled),
         "anomalies": [f.as_dict() for f in anomalies],
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table_path, sidecar_path = out / f"{cohort.name}.csv", out / f"{cohort.name}.json"
-    write_atomic(table_path, data)
-    write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    table_path, sidecar_path = _write_table_and_sidecar(out, cohort.name, data, sidecar)
     site = write_site_folds(table, sidecar, out)
     return ImportResult(cohort.name, table_path, sidecar_path, len(patients), len(table),
                         int(patients["fold"].isna().sum()), anomalies, site)
@@ -247,11 +243,7 @@ def write_site_folds(table: pd.DataFrame, reference_sidecar: dict[str, Any], out
                   "Wrote the same rows, in the same order, with the site folds as the fold column."],
         "anomalies": [f.as_dict() for f in anomalies],
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table_path, sidecar_path = out / f"{name}.csv", out / f"{name}.json"
-    write_atomic(table_path, data)
-    write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    table_path, sidecar_path = _write_table_and_sidecar(out, name, data, sidecar)
     return SiteFoldsResult(name, table_path, sidecar_path, balance, anomalies)
 
 
@@ -268,3 +260,13 @@ def import_cohorts(names: list[str], source: Path, out: Path) -> Iterator[Import
     """Import the named cohorts (all when none named), one at a time so callers can report progress."""
     for name in [tcga.cohort_name(n) for n in names] or list(tcga.COHORTS):
         yield import_cohort(name, source, out)
+
+
+def _write_table_and_sidecar(out: str | Path, name: str, data: bytes, sidecar: dict) -> tuple[Path, Path]:
+    """Write ``<name>.csv`` and its ``<name>.json`` provenance sidecar into ``out``, each atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table_path, sidecar_path = out / f"{name}.csv", out / f"{name}.json"
+    write_atomic(table_path, data)
+    write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    return table_path, sidecar_path
