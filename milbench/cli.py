@@ -138,6 +138,43 @@ def grid(
 
 
 @app.command()
+def benchmark(
+    config: Path = typer.Argument(..., help="Benchmark file, e.g. benchmarks/synthetic.toml."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's models (default: all)."),
+    dry_run: bool = typer.Option(False, help="Write the cohorts and print the plan; train nothing."),
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
+    cpus_per_fold: int = CPUS_PER_FOLD,
+    max_parallel: Optional[int] = MAX_PARALLEL,
+    retries: int = typer.Option(2, help="Retries of a failed fold (bad input is never retried)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Run a benchmark file: write its synthetic cohorts, then every model x scenario x seed x fold (resumable)."""
+    from milbench.benchmark import benchmark_jobs, load_spec, prepare_cohorts
+    from milbench.grid import drive, split_list
+    from milbench.runner import check_executor, plan
+
+    check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    spec = load_spec(config)
+    tables = prepare_cohorts(spec, lambda name, fresh: console.print(
+        f"cohort {name}: {'written' if fresh else 'present'} in {spec.data_dir / name}", highlight=False))
+    jobs, notes = benchmark_jobs(spec, tables, split_list(models, "--models") if models else None)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    todo, skipped = plan(jobs, spec.runs_dir)
+    console.print(f"benchmark {spec.name}: {len(jobs)} folds ({len({j.cfg.model for j in jobs})} models x "
+                  f"{len(spec.scenarios)} scenarios x {len(spec.seeds)} seeds x {spec.cohort.folds} folds); "
+                  f"{len(todo)} to run, {skipped} already complete in {spec.runs_dir}", highlight=False)
+    if dry_run or not todo:
+        return
+    report = drive(jobs, todo, spec.runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
+                   max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def status(
     runs_dir: Path = typer.Option(Path("runs"), help="Run store of the grid."),
     plan: Optional[str] = typer.Option(None, help="Plan id (default: the latest plan in the store)."),

@@ -285,8 +285,10 @@ def _fold_splits(sim: Simulation, folds: int) -> list[tuple[list[str], list[str]
 
 def generate_cohort(out: Path, scenario: str, patients: int, seed: int, size: float = 1.0, in_dim: int = 64,
                     censoring: float = 0.7, folds: int = 5,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write a synthetic cohort to ``out`` (cohort.csv, splits/, features/x{5,10,20}/h5_files/, synthetic.json).
+                    progress: Callable[[int, int], None] | None = None, table: str = "cohort.csv") -> Path:
+    """Write a synthetic cohort to ``out`` (``table``, splits/, features/x{5,10,20}/h5_files/, synthetic.json).
+
+    A cohort read from a table is named after the table's stem, so ``table`` names the cohort in the run store.
 
     ``synthetic.json`` is removed first and written last, so a folder without it is an interrupted generation.
     ``progress(done, total)`` is called after each patient's slides are written.
@@ -313,14 +315,14 @@ def generate_cohort(out: Path, scenario: str, patients: int, seed: int, size: fl
                 _write_h5(h5_dirs[m] / f"{slide.slide_id}.h5", feats[m], slide.coords[m], m)
         if progress is not None:
             progress(i + 1, patients)
-    sim.table.to_csv(out / "cohort.csv", index=False)
+    sim.table.to_csv(out / table, index=False)
     (out / "splits").mkdir(exist_ok=True)
     for k, (train, val) in enumerate(_fold_splits(sim, folds)):
         pd.DataFrame({"train": pd.Series(train, dtype=object), "val": pd.Series(val, dtype=object)}).to_csv(
             out / "splits" / f"splits_{k}.csv")
     meta = {
         "scenario": scenario, "patients": patients, "seed": seed, "size": size, "in_dim": in_dim,
-        "censoring": censoring, "folds": folds, "generator_version": GENERATOR_VERSION,
+        "censoring": censoring, "folds": folds, "generator_version": GENERATOR_VERSION, "table": table,
         "oracle_c_index": sim.oracle_c_index, "slides": len(sim.table),
         "censored_fraction": float(np.mean([p.censored for p in sim.patients])),
         "patches": {m: int(sum(len(s.tissue[m]) for p in sim.patients for s in p.slides)) for m in MAGS},
