@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from milbench import MilbenchError
+from milbench.survival.losses import HEAD_KINDS, loss_for_head
 
 PROTOCOLS = ("fixed", "inner-val", "best-val")
 # Fields added after runs were stored: at these values they are left out of the hash, so old runs keep theirs.
@@ -75,7 +76,11 @@ class RunConfig:
 
 
 def make_config(model: str, cohort: str, recipe: str = "paper", overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Start from a named recipe, apply overrides; keys that are neither run fields nor model options fail."""
+    """Start from a named recipe, apply overrides; keys that are neither run fields nor model options fail.
+
+    A model with several head kinds takes the option ``head=<kind>`` (``hazard``, ``cox``, ``mdn``): the loss then
+    defaults to that head's (``cox``, ``mdn``), and a ``loss`` that cannot train it is refused here, before any run.
+    """
     if recipe not in RECIPES:
         raise MilbenchError(f"unknown recipe '{recipe}': use one of {', '.join(RECIPES)}")
     names = {f.name for f in fields(RunConfig)}
@@ -89,6 +94,8 @@ def make_config(model: str, cohort: str, recipe: str = "paper", overrides: dict[
             values[key] = value
         else:
             options[key] = value
+    head = options.get("head")
+    values["loss"] = loss_for_head(head if head in HEAD_KINDS else "hazard", values.get("loss"))
     return replace(RunConfig(model=model, cohort=cohort), **values, model_options=options)
 
 

@@ -7,6 +7,11 @@ share one forward pass (models with ``forward_packed``; the same gradient as acc
 ``compile=True`` compiles each model's ``hot_blocks``. Protocols: ``fixed`` scores the final model; ``inner-val``
 selects the epoch on a patient-level inner split of the training fold; ``best-val`` selects it on the held-out fold
 itself (the CrossFusion paper's protocol: optimistic, kept to reproduce published tables).
+
+What is trained: the survival loss of the model's ``logits`` and of each of its ``tasks`` (same loss, same target),
+plus its ``aux_loss``. The loss follows the model's ``head_kind`` (:mod:`milbench.survival.losses`): nll or ce per bag
+for the hazard head, the Cox partial likelihood per accumulation window for a cox head (or a hazard head with
+loss=cox), the mixture NLL per bag for an mdn head. A model's ``policies()`` (large-bag policies) go to the record.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import platform
 import resource
 import subprocess
 import time
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +36,10 @@ from milbench.config import RunConfig
 from milbench.data.bag import Bag
 from milbench.data.cache import FeatureCache
 from milbench.data.dataset import BagDataset, _tensor_bytes
-from milbench.models.blocks import compile_blocks
+from milbench.models.blocks import ModelOutput, compile_blocks
 from milbench.registry import create_model, get_card
 from milbench.survival.binning import assign_bins, fit_bins
-from milbench.survival.losses import SurvivalLoss, get_loss, hazards_to_survival
+from milbench.survival.losses import SurvivalLoss, get_loss, risk_and_survival
 from milbench.tasks.cohort import Cohort
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -172,19 +179,24 @@ class DeviceBags:
         return self.store.fetch((self.data.case_ids[i], self.data.scales), lambda: self.data[i], as_float)
 
 
+def head_kind(model: torch.nn.Module) -> str:
+    """The kind of output a model's ``logits`` are (``model.head_kind``; "hazard" when it declares none)."""
+    return getattr(model, "head_kind", "hazard")
+
+
+def _trained_outputs(out: ModelOutput) -> dict[str | None, torch.Tensor]:
+    """What the survival loss trains, in float32: ``logits`` (key None) and every task output (same target)."""
+    return {None: out.logits.float(), **{name: v.float() for name, v in out.tasks.items()}}
+
+
 def bag_loss(model: torch.nn.Module, bag: Bag, y: torch.Tensor, c: torch.Tensor, loss_fn: SurvivalLoss,
-             amp: torch.dtype | None) -> torch.Tensor:
-    """Training loss of one bag: the survival loss of its logits, of any auxiliary task head, plus the model's
-    auxiliary loss; ``bag.extras["survival_loss"]`` hands the label's loss to models that need it (DSMIL)."""
-    bag.extras["survival_loss"] = lambda logits: loss_fn(logits.float(), y, c)
+             amp: torch.dtype | None, t: torch.Tensor | None = None) -> torch.Tensor:
+    """Training loss of one bag: the survival loss of its logits and of each of its task outputs (same target), plus
+    the model's auxiliary loss; ``t`` (months) is needed by the losses that read times (mdn)."""
     with autocast(y.device, amp):
-        out, tasks = model.forward_tasks(bag) if hasattr(model, "forward_tasks") else (model(bag), {})
-    loss = loss_fn(out.logits.float(), y, c)
-    for task_logits in tasks.values():  # auxiliary heads trained on the same target (MuSTMIL's scales)
-        loss = loss + loss_fn(task_logits.float(), y, c)
-    if out.aux_loss is not None:
-        loss = loss + out.aux_loss.float()
-    return loss
+        out = model(bag)
+    loss = sum(loss_fn(v, y, c, t) for v in _trained_outputs(out).values())
+    return loss if out.aux_loss is None else loss + out.aux_loss.float()
 
 
 def packed_loss(model: torch.nn.Module, bags: list[Bag], y: torch.Tensor, c: torch.Tensor, loss_fn: SurvivalLoss,
@@ -193,28 +205,52 @@ def packed_loss(model: torch.nn.Module, bags: list[Bag], y: torch.Tensor, c: tor
 
     The patches go in the autocast dtype when there is one (``forward_packed``'s contract: its first use of them is
     an autocast op, so the values it computes with are the same as from float32), which halves the memory traffic
-    of the concatenation against float32.
+    of the concatenation against float32. The per-bag loss is a mean over the batch, so times the number of bags it
+    is the sum that accumulation adds.
     """
     scale = model.card.scales[0]
     parts = [b.features[scale] for b in bags]
     x = torch.cat(parts).to(amp or torch.float32)
     segment = torch.cat([torch.full((p.shape[0],), i, device=x.device, dtype=torch.long) for i, p in enumerate(parts)])
-
-    def summed(logits: torch.Tensor) -> torch.Tensor:  # the per-bag losses summed, as accumulation adds them
-        return loss_fn(logits.float(), y, c) * logits.shape[0]
-
     with autocast(y.device, amp):
-        out = model.forward_packed(x, segment, len(bags), survival_loss=summed)
-    loss = summed(out.logits)
+        out = model.forward_packed(x, segment, len(bags))
+    loss = sum(loss_fn(v, y, c) * len(bags) for v in _trained_outputs(out).values())
     return loss if out.aux_loss is None else loss + out.aux_loss.float()
 
 
-def check_pack(model: torch.nn.Module, name: str, pack: int, grad_accum: int) -> None:
-    """Reject packing where it would change the training: models without ``forward_packed``, uneven windows."""
+def window_loss(model: torch.nn.Module, bags: Iterable[Bag], y: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
+                loss_fn: SurvivalLoss, amp: torch.dtype | None) -> torch.Tensor:
+    """Training loss of one accumulation window under a loss over several patients (cox): the window's bags go
+    through the model one by one, then the loss ranks their outputs (and each task's) against each other.
+
+    Returned as n x (window loss) + the summed auxiliary losses, so that, divided by ``grad_accum`` as the per-bag
+    losses are, a full window weighs the Cox loss once and each auxiliary loss as a per-bag step does. Memory: the
+    autograd graphs of all the window's bags are held until its backward (grad_accum bags, 32 in the paper recipe).
+    """
+    outputs: dict[str | None, list[torch.Tensor]] = defaultdict(list)
+    aux = torch.zeros((), device=y.device)
+    for bag in bags:
+        with autocast(y.device, amp):
+            out = model(bag)
+        for name, v in _trained_outputs(out).items():
+            outputs[name].append(v)
+        if out.aux_loss is not None:
+            aux = aux + out.aux_loss.float()
+    survival = sum(loss_fn(torch.cat(parts), y, c, t) for parts in outputs.values())
+    return survival * len(y) + aux
+
+
+def check_pack(model: torch.nn.Module, name: str, pack: int, grad_accum: int,
+               loss_fn: SurvivalLoss | None = None) -> None:
+    """Reject packing where it would change the training: models without ``forward_packed``, uneven windows, and
+    losses other than the per-bag losses of the hazard head (``loss_fn``; None stands for nll)."""
     if pack < 1:
         raise milbench.MilbenchError(f"pack must be at least 1, not {pack}")
     if pack > 1 and not hasattr(model, "forward_packed"):
         raise milbench.MilbenchError(f"model '{name}' cannot pack several bags into one forward pass: use pack=1")
+    if pack > 1 and loss_fn is not None and (loss_fn.head != "hazard" or loss_fn.needs_time):
+        raise milbench.MilbenchError(f"pack={pack} works with the hazard head and loss nll or ce only, not a "
+                                     f"{loss_fn.head} head with loss {loss_fn.name}: use pack=1")
     if grad_accum % pack:
         raise milbench.MilbenchError(f"pack={pack} must divide grad_accum={grad_accum} (so packed steps sum the same "
                                      f"bags as accumulation does): e.g. "
@@ -227,32 +263,47 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor, c: torch.Tensor,
                 loss_fn: SurvivalLoss, optim: torch.optim.Optimizer, grad_accum: int, pack: int = 1,
-                amp: torch.dtype | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+                amp: torch.dtype | None = None, progress: ProgressFn | None = None,
+                months: torch.Tensor | None = None) -> torch.Tensor:
     """One training epoch over ``order`` (indices into ``bags``, which has ``get(i, as_float)``); returns the summed
-    loss on the device (no host synchronisation inside).
+    loss on the device.
 
-    ``y``/``c`` [n] are the labels of every index, on the device. Each bag's loss is divided by ``grad_accum`` and
-    the optimizer steps every ``grad_accum`` bags and at the end of the epoch; with ``pack`` > 1 the bags of a
-    window go through ``forward_packed`` ``pack`` at a time, which gives the same gradient.
+    ``y``/``c`` [n] are the labels of every index, on the device, and ``months`` [n] the survival times (the cox and
+    mdn losses read them). Each bag's loss is divided by ``grad_accum`` and the optimizer steps every
+    ``grad_accum`` bags and at the end of the epoch; with ``pack`` > 1 the bags of a window go through
+    ``forward_packed`` ``pack`` at a time, which gives the same gradient. A loss over several patients (cox) is
+    applied to each window of ``grad_accum`` bags (:func:`window_loss`); a window whose patients are all censored
+    has no ranking information and is skipped (no forward pass, no update), as the reference skips all-censored
+    batches; which windows those are is read once per epoch (one host synchronisation), otherwise none.
     """
     dev = y.device
     index = torch.as_tensor(order, dtype=torch.long).to(dev, non_blocking=True)
     y_ord, c_ord = y[index], c[index]
+    t_ord = months[index] if months is not None else None
+    windowed = loss_fn.needs_batch
+    has_event = (c_ord == 0).cpu() if windowed else None
     total = torch.zeros((), device=dev)
     optim.zero_grad(set_to_none=True)
     done = 0
-    for start in range(0, len(order), pack):
-        chunk = order[start : start + pack]
-        yb, cb = y_ord[start : start + len(chunk)], c_ord[start : start + len(chunk)]
-        if pack == 1:
-            loss = bag_loss(model, bags.get(chunk[0]), yb, cb, loss_fn, amp)
+    size = grad_accum if windowed else pack
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        part = slice(start, start + len(chunk))
+        t_part = None if t_ord is None else t_ord[part]
+        if windowed:  # None: all censored, skipped
+            loss = window_loss(model, (bags.get(i) for i in chunk), y_ord[part], c_ord[part], t_part, loss_fn,
+                               amp) if has_event[part].any() else None
+        elif pack == 1:
+            loss = bag_loss(model, bags.get(chunk[0]), y_ord[part], c_ord[part], loss_fn, amp, t_part)
         else:
-            loss = packed_loss(model, [bags.get(i, as_float=False) for i in chunk], yb, cb, loss_fn, amp)
-        (loss / grad_accum).backward()
-        total += loss.detach()
+            loss = packed_loss(model, [bags.get(i, as_float=False) for i in chunk], y_ord[part], c_ord[part], loss_fn,
+                               amp)
+        if loss is not None:
+            (loss / grad_accum).backward()
+            total += loss.detach()
         done += len(chunk)
-        if done % grad_accum == 0 or done == len(order):  # no gradient leaks into the next epoch
-            optim.step()
+        if done % grad_accum == 0 or done == len(order):  # no gradient leaks into the next epoch; after a skipped
+            optim.step()  # window no parameter has a gradient and the step changes nothing
             optim.zero_grad(set_to_none=True)
         if progress:
             progress("bag", done, len(order))
@@ -261,20 +312,16 @@ def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor,
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: BagDataset, device: torch.device,
-            store: DeviceBagStore | None = None) -> np.ndarray:
-    """Hazard logits of every patient of ``data``, in order: [n, n_bins]."""
+            store: DeviceBagStore | None = None) -> torch.Tensor:
+    """The head's outputs for every patient of ``data``, in order, on the CPU: [n, n_bins] hazard logits, [n, 1]
+    log-risks or [n, 3, K] mixture parameters (see :mod:`milbench.survival.losses`)."""
     model.eval()
     bags = DeviceBags(data, store or DeviceBagStore(device, max_bytes=0))
     out = []
     for i in range(len(data)):
         with autocast(device, default_amp(device)):
             out.append(model(bags.get(i)).logits.float())
-    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0))
-
-
-def _risk(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    surv = hazards_to_survival(torch.from_numpy(logits)).numpy()
-    return -surv.sum(axis=1), surv
+    return torch.cat(out).cpu() if out else torch.zeros((0, 0))
 
 
 def _sample_order(labels: _Labels, sampler: str, gen: torch.Generator) -> list[int]:
@@ -304,7 +351,9 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients.
 
     ``compile=True`` compiles the model's ``hot_blocks`` on CUDA (the same function, faster; see
-    docs/performance.md); it is an execution option like the device, not part of the config.
+    docs/performance.md); it is an execution option like the device, not part of the config. The risk is read from
+    the model's head (:func:`milbench.survival.losses.risk_and_survival`); predictions get ``surv_k`` columns only
+    when the head has a survival curve (not cox, whose IBS is then NaN).
     """
     from milbench.survival.metrics import fold_metrics, logrank_p
 
@@ -334,20 +383,19 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     select_labels = _Labels(cohort, select_ids, edges) if select_ids else None
 
     model = create_model(cfg.model, in_dim=fit_data.in_dim, n_bins=cfg.n_bins, **cfg.model_options).to(dev)
-    check_pack(model, cfg.model, cfg.pack, cfg.grad_accum)
+    head = head_kind(model)
+    loss_fn = get_loss(cfg.loss, alpha=cfg.alpha, head=head)
+    check_pack(model, cfg.model, cfg.pack, cfg.grad_accum, loss_fn)
     if compile and dev.type == "cuda":
         compile_blocks(model)
     store = DeviceBagStore(dev, dtype=default_amp(dev) if cfg.pack > 1 else None)
     if hasattr(model, "fit_priors"):
         model.fit_priors([_to_device(fit_data[i], dev) for i in range(len(fit_data))])
-    loss_fn = get_loss(cfg.loss, alpha=cfg.alpha)
-    if loss_fn.needs_batch:
-        raise milbench.MilbenchError(f"loss '{cfg.loss}' needs several patients per step and the engine trains one "
-                                     "bag per step: use loss=nll or loss=ce")
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + fold)
     y_all = torch.as_tensor(fitting.bins, dtype=torch.long).to(dev)
     c_all = torch.as_tensor(1 - fitting.event, dtype=torch.float32).to(dev)
+    t_all = torch.as_tensor(fitting.time, dtype=torch.float32).to(dev)
     fit_bags = DeviceBags(fit_data, store)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -359,10 +407,10 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         model.train()
         order = _sample_order(fitting, cfg.sampler, gen)
         total = train_epoch(model, fit_bags, order, y_all, c_all, loss_fn, optim, cfg.grad_accum, cfg.pack,
-                            default_amp(dev), progress)
+                            default_amp(dev), progress, t_all)
         entry = {"epoch": epoch, "train_loss": float(total) / max(1, len(order))}
         if select_data is not None and epoch >= cfg.warmup_epochs:
-            risk, _ = _risk(predict(model, select_data, dev, store))
+            risk, _ = risk_and_survival(head, predict(model, select_data, dev, store), edges)
             score = _c_or_nan(select_labels.time, select_labels.event, risk)
             entry["selection_c_index"] = score
             if score > best["score"]:  # NaN (no comparable pair) never wins: the last epoch is kept
@@ -375,10 +423,9 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         model.load_state_dict(best["state"])
 
     t_eval = time.perf_counter()
-    test_logits = predict(model, test_data, dev, store)
-    test_risk, test_surv = _risk(test_logits)
+    test_risk, test_surv = risk_and_survival(head, predict(model, test_data, dev, store), edges)
     train_data = BagDataset(cohort, train_ids, card.scales, card=card, cache=cache)
-    train_risk, _ = _risk(predict(model, train_data, dev, store))
+    train_risk, _ = risk_and_survival(head, predict(model, train_data, dev, store), edges)
     cutoff = float(np.median(train_risk))
     metrics = fold_metrics(train.time, train.event, test.time, test.event, test_risk, test_surv, edges)
     metrics["logrank_p"] = logrank_p(test.time, test.event, test_risk, cutoff)
@@ -388,7 +435,7 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
 
     predictions = pd.DataFrame({"case_id": test_ids, "time": test.time, "event": test.event.astype(int),
                                 "risk": test_risk, "fold": fold, "bin": test.bins, "train_median_risk": cutoff})
-    for k in range(test_surv.shape[1]):
+    for k in range(0 if test_surv is None else test_surv.shape[1]):  # a cox head has no survival curve
         predictions[f"surv_{k}"] = test_surv[:, k]
     record = {
         "config": cfg.to_dict(), "config_hash": cfg.hash, "protocol": cfg.protocol, "fold": fold,
@@ -402,6 +449,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
                     "s_per_epoch": train_seconds / cfg.epochs},
         "peak_memory_bytes": _peak_memory(dev),
         "excluded_slides": list(getattr(cohort, "excluded", []) or []),
+        "head": head,
+        "policies": model.policies() if hasattr(model, "policies") else {},  # {}: every patch, no special policy
         "environment": environment(dev),
     }
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()} if keep_weights else None

@@ -183,8 +183,18 @@ def _fold_rows(loaded: list[LoadedFold], metrics: Iterable[str], notes: list[str
             row |= values | {"train_labels": source}
         if "oracle_c_index" in rec.get("metrics", {}):
             row["oracle_c_index"] = rec["metrics"]["oracle_c_index"]
+        row |= _cost(rec)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _cost(record: dict[str, Any]) -> dict[str, Any]:
+    """What a fold cost, from its record: training seconds, seconds per epoch, peak memory and where it ran."""
+    timings = record.get("timings") or {}
+    env = record.get("environment") or {}
+    return {"train_s": timings.get("train_s", np.nan), "s_per_epoch": timings.get("s_per_epoch", np.nan),
+            "peak_memory_bytes": record.get("peak_memory_bytes", np.nan),
+            "device": env.get("device_name") or env.get("device") or ""}
 
 
 def fold_table(runs_dir: Path, metrics: Iterable[str] = ("c_index",)) -> pd.DataFrame:
@@ -233,6 +243,10 @@ def summary(folds: pd.DataFrame, metric: str = "c_index") -> pd.DataFrame:
                          & (cells.seeds >= cells.expected_seeds) & cells["mean"].notna())
     if "oracle_c_index" in folds:
         cells = cells.merge(folds.groupby(CELL)["oracle_c_index"].mean().rename("oracle").reset_index(), on=CELL)
+    cost = folds.groupby(CELL).agg(train_s=("train_s", "mean"), s_per_epoch=("s_per_epoch", "mean"),
+                                   peak_memory_bytes=("peak_memory_bytes", "max"),
+                                   device=("device", lambda d: ", ".join(sorted({x for x in d if x}))))
+    cells = cells.merge(cost.reset_index(), on=CELL)
     cards = cells.model.map(_card)
     cells["display"] = [c[0] for c in cards]
     cells["group"] = [c[1] for c in cards]
@@ -518,6 +532,34 @@ def _pooled_block(lb: Leaderboard, protocol: str, backbone: str) -> Block:
                      "mean over folds, from the records: what the true risk achieves on these patients."] if oracle else []))
 
 
+def _cost_block(lb: Leaderboard, protocol: str, backbone: str) -> Block:
+    """Per cell: the gap to the oracle (synthetic cohorts) and what training cost, from the records."""
+    part = lb.cells[(lb.cells.protocol == protocol) & (lb.cells.backbone == backbone)]
+    oracle = "oracle" in part and part.oracle.notna().any()
+    rows, groups = [], []
+    for _, r in part.sort_values(["cohort", "order", "model", "variant_label"]).iterrows():
+        row = [Cell(_row_label(r.display, r.variant_label)), _metric_cell(r)]
+        if oracle:
+            gap = r.oracle - r["mean"]
+            row += [Cell(_fmt(r.oracle), _num(r.oracle)), Cell(_fmt(gap), _num(gap))]
+        gib = r.peak_memory_bytes / 2**30
+        row += [Cell(_fmt(r.train_s, 1), _num(r.train_s)), Cell(_fmt(r.s_per_epoch, 2), _num(r.s_per_epoch)),
+                Cell(_fmt(gib, 2), _num(gib)), Cell(r.device or "–")]
+        rows.append(row)
+        groups.append(cohort_title(r.cohort))
+    for row in rows:
+        row[1].bold = row[1].underline = False
+    return Block(f"cost-{protocol}-{backbone}", ("Gap to the oracle, training time and peak memory" if oracle else
+                 "Training time and peak memory") + f" — protocol {protocol}, backbone {backbone}",
+                 ["Model", METRICS[lb.metric].label] + (["Oracle C", "Gap"] if oracle else [])
+                 + ["Train s per fold", "s per epoch", "Peak memory GiB", "Device"], rows, groups,
+                 (["Gap = oracle C minus the model's mean C over the same folds (the oracle is the mean of the "
+                   "folds' oracle C)."] if oracle else [])
+                 + ["Time and memory are means (memory: the maximum) over the cell's folds, from the records: GPU "
+                    "memory allocated by torch on CUDA, the process's peak resident memory on the CPU (data and "
+                    "interpreter included). Timings depend on the machine and on how many folds shared it."])
+
+
 def _comparison_block(lb: Leaderboard, protocol: str) -> Block:
     part = lb.comparisons[lb.comparisons.protocol == protocol]
     rows, groups = [], []
@@ -635,6 +677,7 @@ def document(lb: Leaderboard | None) -> tuple[str, list[Section]]:
         backbone = _backbone_block(lb.cells, protocol, lb.metric)
         blocks += [backbone] if backbone else []
         blocks += [_pooled_block(lb, protocol, b) for b in sorted(part.backbone.unique())]
+        blocks += [_cost_block(lb, protocol, b) for b in sorted(part.backbone.unique())]
         if (lb.comparisons.protocol == protocol).any():
             blocks.append(_comparison_block(lb, protocol))
         sections.append(Section(f"Protocol: {protocol}", [PROTOCOL_NOTES.get(protocol, "")], blocks))

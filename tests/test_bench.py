@@ -98,11 +98,16 @@ def test_forward_packed_equals_one_bag_at_a_time(name):
     single = [bag_loss(model, Bag(str(i), {"20x": x}), y[i : i + 1], c[i : i + 1], loss_fn, None)
               for i, x in enumerate(xs)]
     model.eval()
-    logits = torch.cat([model(Bag(str(i), {"20x": x})).logits for i, x in enumerate(xs)])
-    packed = model.forward_packed(torch.cat(xs), _segment(), len(xs)).logits
+    single_out = [model(Bag(str(i), {"20x": x})) for i, x in enumerate(xs)]
+    packed_out = model.forward_packed(torch.cat(xs), _segment(), len(xs))
     model.train()
+    packed = packed_out.logits
     assert packed.shape == (4, 4)
-    assert (packed - logits).abs().max() < 1e-6
+    assert (packed - torch.cat([o.logits for o in single_out])).abs().max() < 1e-6
+    assert set(packed_out.tasks) == set(single_out[0].tasks) == ({"max_instance"} if name == "dsmil" else set())
+    for task, values in packed_out.tasks.items():  # one row per bag, each its own bag's task logits
+        assert values.shape == (4, 4)
+        assert (values - torch.cat([o.tasks[task] for o in single_out])).abs().max() < 1e-6
     # the training loss and its gradient: one packed pass = the bags accumulated one by one
     sum(single).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -119,6 +124,9 @@ def test_packing_is_refused_where_it_would_change_training():
         check_pack(create_model("transmil", in_dim=8), "transmil", 2, 32)
     with pytest.raises(MilbenchError, match="divide"):
         check_pack(create_model("amil", in_dim=8), "amil", 3, 32)
+    with pytest.raises(MilbenchError, match="pack=1"):  # the Cox loss ranks a window, not a packed step
+        check_pack(create_model("amil", in_dim=8), "amil", 4, 32, get_loss("cox"))
+    check_pack(create_model("amil", in_dim=8), "amil", 4, 32, get_loss("ce", 0.2))
     with pytest.raises(MilbenchError, match="pack=8"):
         make_config("amil", "c", "small", {"pack": 8})  # the small recipe accumulates 4 bags
     assert make_config("amil", "c", "paper", {"pack": 8}).pack == 8
@@ -164,8 +172,8 @@ def test_device_store_hands_out_float32_copies_and_keeps_its_bags_clean():
     got = store.fetch("a", lambda: pytest.fail("stored"))
     assert got.features["20x"].dtype == torch.float32
     assert torch.equal(got.features["20x"], half.features["20x"].float())
-    got.extras["survival_loss"] = len
-    assert "survival_loss" not in store.fetch("a", lambda: None, as_float=False).extras
+    got.extras["scratch"] = len
+    assert "scratch" not in store.fetch("a", lambda: None, as_float=False).extras
     assert store.fetch("b", lambda: half, as_float=False).features["20x"].dtype == torch.float16
     packing = DeviceBagStore(CPU, dtype=torch.bfloat16)  # packed steps keep the bags in the autocast dtype
     got = packing.fetch("a", lambda: half, as_float=False).features["20x"]

@@ -27,3 +27,14 @@ def test_bad_values_are_rejected():
 
 def test_parse_set_reads_json_values():
     assert parse_set(["lr=0.001", "variant=patchgcn", "flag=true"]) == {"lr": 0.001, "variant": "patchgcn", "flag": True}
+
+
+def test_the_loss_follows_the_head():
+    assert make_config("protosurv", "c", "small", {"head": "cox"}).loss == "cox"
+    assert make_config("scmil", "c", "small", {"head": "mdn"}).loss == "mdn"
+    assert make_config("amil", "c").loss == "nll" and make_config("amil", "c", "paper", {"loss": "cox"}).loss == "cox"
+    assert make_config("protosurv", "c", "small", {"head": "cox", "loss": "cox"}).loss == "cox"
+    with pytest.raises(MilbenchError, match="loss=nll cannot train the model's cox head.*--set loss=cox"):
+        make_config("protosurv", "c", "small", {"head": "cox", "loss": "nll"})
+    with pytest.raises(MilbenchError, match="--set loss=mdn"):
+        make_config("scmil", "c", "small", {"head": "mdn", "loss": "cox"})

@@ -336,3 +336,16 @@ def test_cli_writes_the_asked_formats(store, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "Reported (not recomputed)" in (tmp_path / "rep" / "reported.md").read_text()
     assert (tmp_path / "rep" / "reported.html").is_file()
+
+
+def test_cost_block_has_the_oracle_gap_time_and_memory(board):
+    md = lb.render_markdown(*lb.document(board))
+    header, rows = _md_rows(md, "Gap to the oracle, training time and peak memory — protocol fixed, backbone default")
+    assert header == ["Model", "C-index (Harrell)", "Oracle C", "Gap", "Train s per fold", "s per epoch",
+                      "Peak memory GiB", "Device"]
+    amil = next(cells for group, label, cells in rows if label == "AMIL (lr=0.001)" and group == "synthetic_coarse")
+    cell = _cell(board, "fixed", "synthetic_coarse", "default", "amil", 0.001)
+    assert amil[1] == f"{ORACLE:.3f}" and amil[2] == f"{ORACLE - cell['mean']:.3f}"
+    assert amil[3:] == ["30.0", "3.00", "5.00", "x86_64"]  # folds 0-4: 10..50 s, 1..5 s/epoch, max 5 GiB
+    dsmil = next(cells for group, label, cells in rows if label == "DSMIL" and group == "synthetic_coarse")
+    assert dsmil[3] == "20.0"  # its three folds only

@@ -45,8 +45,7 @@ class AMIL(nn.Module):
         logits = self.head(self.rho(z))
         return ModelOutput(logits, None, {"20x": a.detach()} if return_attention else {})
 
-    def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int,
-                       survival_loss=None) -> ModelOutput:
+    def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int) -> ModelOutput:
         """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags (float32, or the autocast dtype
         under autocast: they only enter the embedding's Linear), ``segment`` [sum N] the bag of each row -> logits
         [n_bags, n_bins]; the softmax runs per bag, so each row equals ``forward`` of its bag."""

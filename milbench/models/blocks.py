@@ -17,14 +17,20 @@ import torch.nn.functional as F
 class ModelOutput(NamedTuple):
     """What every model's ``forward(bag)`` returns.
 
-    ``logits``: [1, n_bins] discrete-time hazard logits (hazards = sigmoid(logits)).
-    ``aux_loss``: an optional scalar added to the survival loss (e.g. DSMIL's instance loss).
+    ``logits``: [1, n_bins] discrete-time hazard logits (hazards = sigmoid(logits)), or the output of another head
+    kind the model declares as ``head_kind`` (``"cox"``: [1, 1] log-risk; ``"mdn"``: [1, 3, K] mixture parameters;
+    see :mod:`milbench.survival.losses`).
+    ``aux_loss``: an optional label-free scalar added to the survival loss (e.g. ProtoSurv's prototype losses).
     ``attention``: named attention maps for heatmaps, e.g. ``{"20x": [N]}``; filled only when asked.
+    ``tasks``: named extra outputs of the same shape and kind as ``logits`` (DSMIL's max-instance logits, MuSTMIL's
+    per-scale heads). The engine trains each with the same survival loss on the same target and adds it with weight
+    1 to the loss of ``logits`` (there is no per-task weight); prediction reads ``logits`` only.
     """
 
     logits: torch.Tensor
     aux_loss: torch.Tensor | None = None
     attention: dict[str, torch.Tensor] = {}
+    tasks: dict[str, torch.Tensor] = {}
 
 
 def init_linear_trunc_normal(module: nn.Module, std: float = 0.02) -> None:

@@ -15,16 +15,12 @@ default adds the paper's max-instance loss so it trains (``instance_loss=False``
 
 Max-instance survival loss. The bag's max-instance logits are m_k = max_i c_ik per time bin. Since sigmoid is
 monotone, sigmoid(m_k) = max_i h_ik: the bag's hazard in interval k is that of its most hazardous patch in k, the
-survival analogue of "a bag is positive if any instance is" (the maximiser may differ between bins). m is scored
-with the same discrete-time loss as the bag logits, under the same label. The paper trains on
-0.5 * bag loss + 0.5 * max-instance loss; here the engine adds ``aux_loss`` = loss(m) to loss(bag logits), i.e.
-twice the paper's mix: same minimiser, and Adam's steps are invariant to a constant loss scale (up to eps and
-the relative strength of weight decay).
-
-The model does not see labels, so the engine hands it the label's loss: during training the bag must carry
-``bag.extras["survival_loss"]``, a callable mapping [1, n_bins] logits to the scalar loss the engine applies to
-``logits`` (same loss, alpha and label). Training with ``instance_loss=True`` and no such callable raises, so a
-run never silently trains the reference variant.
+survival analogue of "a bag is positive if any instance is" (the maximiser may differ between bins). ``forward``
+returns m as the task ``"max_instance"`` of its output (``ModelOutput.tasks``), which the engine scores with the
+same discrete-time loss as the bag logits, under the same label, and adds. The paper trains on
+0.5 * bag loss + 0.5 * max-instance loss; the engine's loss(bag logits) + loss(m) is twice the paper's mix: same
+minimiser, and Adam's steps are invariant to a constant loss scale (up to eps and the relative strength of weight
+decay). A training loop that ignores ``tasks`` trains the reference variant.
 
 Attention map (``return_attention=True``): ``"20x"`` [N], the bag stream's attention averaged over the n_bins
 critical queries (sums to 1).
@@ -77,18 +73,15 @@ class DSMIL(nn.Module):
             with torch.no_grad():
                 a = torch.softmax(q.float() @ q_crit.float().T / math.sqrt(q.shape[1]), dim=0)
             attention["20x"] = a.mean(dim=1)
-        return ModelOutput(logits, self._max_instance_loss(bag, c), attention)
+        return ModelOutput(logits, None, attention, self._tasks(c.max(dim=0).values.unsqueeze(0)))
 
-    def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int,
-                       survival_loss=None) -> ModelOutput:
+    def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int) -> ModelOutput:
         """Several bags in one pass: 20x ``features`` [sum N, D] of ``n_bags`` bags (float32, or the autocast dtype
         under autocast: they only enter autocast matmuls, where they are cast to it anyway), ``segment`` [sum N] the
-        bag of each row -> logits [n_bags, n_bins], each row equal to ``forward`` of its bag.
+        bag of each row -> logits and max-instance logits [n_bags, n_bins], each row equal to ``forward`` of its bag.
 
         Every bag's critical instances are its own (per-bag argmax) and its critical queries attend to its own
         patches only (softmax per bag); the attended vectors are one matmul with a bag-block-diagonal weight matrix.
-        ``survival_loss`` maps the [n_bags, n_bins] max-instance logits to the summed loss of the bags (training
-        with ``instance_loss`` needs it, as ``bag.extras["survival_loss"]`` in ``forward``).
         """
         x = features
         c = self.instance_classifier(x)  # [N, n_bins]
@@ -103,24 +96,8 @@ class DSMIL(nn.Module):
         blocks = F.one_hot(segment, n_bags).to(a.dtype).unsqueeze(-1) * a.unsqueeze(1)  # [N, n_bags, n_bins]
         b = (blocks.view(x.shape[0], -1).T @ x).view(n_bags, k, -1)  # [n_bags, n_bins, D]
         logits = self.bag_classifier(b).squeeze(-1)  # [n_bags, n_bins]
-        aux = None
-        if self.instance_loss:
-            if survival_loss is None and self.training:
-                raise RuntimeError("dsmil's max-instance loss needs the labels: pass survival_loss= to forward_packed, "
-                                   "or instance_loss=False to reproduce the reference")
-            if survival_loss is not None:
-                aux = survival_loss(c.gather(0, critical))  # each bag's max-instance logits
-        return ModelOutput(logits, aux)
+        return ModelOutput(logits, tasks=self._tasks(c.gather(0, critical)))  # each bag's max-instance logits
 
-    def _max_instance_loss(self, bag: Bag, c: torch.Tensor) -> torch.Tensor | None:
-        """The survival loss of the per-bin max-instance logits, when the bag carries its label's loss."""
-        if not self.instance_loss:
-            return None
-        survival_loss = bag.extras.get("survival_loss")
-        if survival_loss is None:
-            if self.training:
-                raise RuntimeError(
-                    "dsmil's max-instance loss needs the label: set bag.extras['survival_loss'] (a callable on "
-                    "[1, n_bins] logits) on training bags, or pass instance_loss=False to reproduce the reference")
-            return None
-        return survival_loss(c.max(dim=0).values.unsqueeze(0))
+    def _tasks(self, max_instance: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The max-instance logits as a task trained on the label, unless the reference variant is asked for."""
+        return {"max_instance": max_instance} if self.instance_loss else {}

@@ -53,6 +53,14 @@ class DeepGCNStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([gen_layer(dim, act(), checkpoint=i > 0) for i in range(n_layers)])
 
+    def policies(self) -> dict[str, str]:
+        """The run record's note on this trunk's large-graph policy: its checkpointed blocks."""
+        n = len(self.layers)
+        if n < 2:
+            return {}
+        return {"gradient_checkpointing": f"GENConv blocks 2..{n} of {n} recompute their activations in the backward "
+                                          "pass during training (less memory, the same numbers); every node is used"}
+
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         outs = [x, self.layers[0].conv(x, edge_index)]
         for layer in self.layers[1:]:
@@ -140,6 +148,10 @@ class PatchGCN(nn.Module):
         self.rho = mlp([width, width])
         # 8. discrete-time hazard head
         self.head = HazardHead(width, n_bins)
+
+    def policies(self) -> dict[str, str]:
+        """Large-bag policies for the run record (milbench.engine.fit_fold)."""
+        return self.gcn.policies()
 
     def forward(self, bag: Bag, return_attention: bool = False) -> ModelOutput:
         edge_index = graph_edges(bag, "patchgcn")

@@ -9,8 +9,9 @@ hazard head: its sigmoid outputs are the bins' hazards.
 ``scales=("5x", "10x", "20x")`` is the 3-scale extension of the spec: rows are 20x patches with their 10x and 5x
 parents. The reference's declared Dropout(0.2) is never applied, so there is none here.
 
-Training: the reference loss is the WSI loss plus one loss per scale on the same target. The per-scale task logits
-need the label, so they are returned by :meth:`MuSTMIL.forward_tasks`; ``forward`` returns the WSI prediction.
+Training: the reference loss is the WSI loss plus one loss per scale on the same target, with equal weights. The
+output's ``logits`` are the WSI prediction and its ``tasks`` the per-scale logits ``{scale: [1, n_bins]}``, which the
+engine trains with the same loss on the same target.
 
 Attention maps (``return_attention=True``), K branches averaged: ``"<scale>"`` the per-scale attention summed onto
 that scale's patches ([N_s]; a 5x patch collects the weight of all its rows), ``"joint"`` the joint attention per
@@ -73,8 +74,8 @@ class MuSTMIL(nn.Module):
         a = torch.softmax(attention(e).float(), dim=0).T.to(e.dtype)
         return (a @ e).reshape(1, -1), a
 
-    def forward_tasks(self, bag: Bag, return_attention: bool = False) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
-        """WSI prediction and the per-scale task logits {scale: [1, n_bins]} (each trained on the same target)."""
+    def forward(self, bag: Bag, return_attention: bool = False) -> ModelOutput:
+        """WSI logits, with the per-scale task logits {scale: [1, n_bins]} as ``tasks``."""
         rows = self._rows(bag)
         # 1. per-scale embeddings of the paired rows
         e = {s: self.embed[s](bag.features[s][rows[s]]) for s in self.scales}
@@ -93,7 +94,4 @@ class MuSTMIL(nn.Module):
                 finest = self.scales[-1]
                 maps["joint"] = torch.zeros(bag.n_patches(finest), device=a.device).index_add_(
                     0, rows[finest], a.float().mean(0))
-        return ModelOutput(logits, None, maps), tasks
-
-    def forward(self, bag: Bag, return_attention: bool = False) -> ModelOutput:
-        return self.forward_tasks(bag, return_attention)[0]
+        return ModelOutput(logits, None, maps, tasks)

@@ -4,9 +4,11 @@ whole slide by cross-attention, fused by prototype-to-node cross-attention (spec
 milbench variant, and how it differs from the reference (``LINKX_PROTO_oldv``):
 
 * Head: the shared discrete-time hazard head (Linear(768 -> n_bins) with bias) by default. ``head="cox"`` is the
-  original Linear(768 -> 1, no bias): ``logits`` is then [1, 1] = the log-risk (higher = worse), not hazard
-  logits, so it must be trained with a Cox partial likelihood over a batch of patients (>= 1 event per batch),
-  ranked by that value directly, and turned into survival curves only through a Breslow baseline.
+  original Linear(768 -> 1, no bias), ``head_kind`` "cox": ``logits`` is then [1, 1] = the log-risk (higher =
+  worse), not hazard logits. The engine trains it with the Cox partial likelihood over each accumulation window of
+  bags (config ``loss=cox``, chosen by itself with ``--set head=cox``; windows without an event are skipped, as the
+  reference skips all-censored batches) and ranks patients by that value; it has no survival curve (that would need
+  a Breslow baseline), so IBS is NaN for it.
 * Tissue priors: the paper's fine-tuned UNI tissue classifier is not released and the code's CONCH zero-shot
   prompts are colorectal-specific. Here each patch's type is ``bag.extras["tissue_labels"]`` when a user supplies
   them (LongTensor [N], values in 0..n_types-1, for every bag), otherwise its nearest centroid of a k-means
@@ -19,13 +21,15 @@ milbench variant, and how it differs from the reference (``LINKX_PROTO_oldv``):
   built, so parameter counts are the spec's minus 919,552 (and with the hazard head plus 3,076 - 768).
 * Kept from the reference: during training the prototype branch and the fusion context see a random subset of
   at most ``max_train_nodes`` = 25,000 nodes (drawn from torch's global RNG, so the run seed fixes it); eval
-  uses every node; ``max_train_nodes=None`` disables it. Not implemented: the reference dataset's training-time
+  uses every node; ``max_train_nodes=None`` disables it. :meth:`ProtoSurv.policies` writes the cap, its seed and
+  how many training bags it cut into the run record. Not implemented: the reference dataset's training-time
   graph augmentation (feature noise, node and edge dropping).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -106,6 +110,8 @@ class ProtoSurv(nn.Module):
         self.proto_iters = proto_iters
         self.comp_alpha, self.ortho_beta, self.max_train_nodes = comp_alpha, ortho_beta, max_train_nodes
         self.prior_samples, self.prior_iters, self.prior_seed = prior_samples, prior_iters, prior_seed
+        self.subsampled_cases: set[str] = set()  # training bags cut to max_train_nodes, for the run record
+        self.prior_source = "none"  # how fit_priors got the tissue priors, for the run record
         # tissue priors: one centroid per type, fitted on the training fold (fit_priors)
         self.register_buffer("centroids", torch.zeros(n_types, in_dim))
         self.register_buffer("priors_fitted", torch.tensor(False))
@@ -155,6 +161,7 @@ class ProtoSurv(nn.Module):
                 counts += torch.bincount(labels, minlength=self.n_types).unsqueeze(1)
             overall = sums.sum(0) / counts.sum().clamp_min(1)
             centroids = torch.where(counts > 0, sums / counts.clamp_min(1), overall)  # unseen type: overall mean
+            self.prior_source = "user tissue labels: per-type means over every training patch"
         else:
             gen = torch.Generator().manual_seed(self.prior_seed)
             per_bag = max(1, math.ceil(self.prior_samples / len(train_bags)))
@@ -163,7 +170,10 @@ class ProtoSurv(nn.Module):
                 feats = b.features["20x"]
                 pick = torch.randperm(feats.shape[0], generator=gen)[:per_bag]
                 parts.append(feats[pick.to(feats.device)].to(device, torch.float32))
-            centroids, _ = kmeans(torch.cat(parts), self.n_types, self.prior_iters, self.prior_seed)
+            sample = torch.cat(parts)
+            centroids, _ = kmeans(sample, self.n_types, self.prior_iters, self.prior_seed)
+            self.prior_source = (f"k-means on {len(sample)} training patches, at most {per_bag} drawn per bag with "
+                                 f"prior_seed={self.prior_seed}")
         self.centroids.copy_(centroids)
         self.priors_fitted.fill_(True)
 
@@ -196,10 +206,28 @@ class ProtoSurv(nn.Module):
         fallback = torch.where(self.priors_fitted, self.centroids, x.mean(0))
         return torch.where(counts > 0, sums / counts.clamp_min(1), fallback)
 
-    def _subsample(self, n: int, device: torch.device) -> torch.Tensor | None:
+    def policies(self) -> dict[str, Any]:
+        """Large-bag policies for the run record (milbench.engine.fit_fold): the training-time node cap with its seed
+        and the number of distinct training bags it has cut so far, the tissue-prior sample, and the GNN's
+        checkpointing."""
+        applies = ("training forward passes only: the prototype branch's keys and the fusion context each see an "
+                   "independent random subset of at most cap nodes; the GNN and evaluation use every node")
+        return {
+            "max_train_nodes": {
+                "cap": self.max_train_nodes,
+                "applies_to": applies if self.max_train_nodes is not None else "nothing: no cap, every node is used",
+                "seed": "torch's global RNG, seeded per fold with the run seed + fold",
+                "bags_subsampled": len(self.subsampled_cases),
+            },
+            "tissue_priors": self.prior_source,
+            **self.gcn.policies(),
+        }
+
+    def _subsample(self, bag: Bag, n: int, device: torch.device) -> torch.Tensor | None:
         """Training-time node subset for the attention branches (reference: <= 25,000 nodes), None = all."""
         if not self.training or self.max_train_nodes is None or n <= self.max_train_nodes:
             return None
+        self.subsampled_cases.add(bag.case_id)
         return torch.randperm(n, device=device)[: self.max_train_nodes].sort().values
 
     def forward(self, bag: Bag, return_attention: bool = False) -> ModelOutput:
@@ -208,7 +236,7 @@ class ProtoSurv(nn.Module):
         edge_index = graph_edges(bag, "protosurv")
         types = self.tissue_types(bag)
         # prototype branch: 8 prototypes per type, each type refined by attending to (a subset of) all patches
-        sub = self._subsample(n, x.device)
+        sub = self._subsample(bag, n, x.device)
         keys, key_types = (x, types) if sub is None else (x[sub], types[sub])
         mu = self.proto_mlp(self.type_means(keys, key_types))
         protos = mu.unsqueeze(1) + self.proto_logsigma.exp() * self.proto_offsets  # [n_types, per_type, dim]
@@ -221,7 +249,7 @@ class ProtoSurv(nn.Module):
         prototypes = torch.cat(refined, dim=1)  # [1, n_types * per_type, dim]
         # GNN branch: node context tokens
         tokens = self.post_fc(self.gcn(self.pre_fc(x), edge_index))
-        ctx_sub = self._subsample(n, x.device)
+        ctx_sub = self._subsample(bag, n, x.device)
         context = (tokens if ctx_sub is None else tokens[ctx_sub]).unsqueeze(0)
         # fusion: prototypes attend to the node tokens
         fused, weights = prototypes, None

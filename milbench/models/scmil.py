@@ -24,18 +24,16 @@ Parameter counts: the reference also builds fc1 (Linear(D -> D), skipped when th
 They are not built here: this model has the reference's used parameters, 4,990,214 at 1024 and 18,367,750 at
 2048 (reference totals 10,238,214 and 39,349,510). The attention runs at the input width, so counts grow with D^2.
 
-MDN head (``head="mdn"``): ``logits`` is then [1, 3, K] = (mixture logits, means, scales) of a K = 100 component
-Gaussian mixture over inverse-softplus(time in months), not hazard logits. The engine must score it with
-``mdn_nll(logits, months, censored)`` (the official loss: -log density for events, -log S(t) for censored) and
-evaluate it with ``mdn_survival(logits, times)``: S at the right edges of the fold's time bins gives the survival
-curve in the same place as the discrete models', and risk = -sum of it.
+MDN head (``head="mdn"``, ``head_kind`` "mdn"): ``logits`` is then [1, 3, K] = (mixture logits, means, scales) of a
+K = 100 component Gaussian mixture over inverse-softplus(time in months), not hazard logits. The engine trains it with
+``milbench.survival.losses.mdn_nll`` (the official loss: -log density for events, -log S(t) for censored; config
+``loss=mdn``, chosen by itself with ``--set head=mdn``) and evaluates it with ``mdn_survival``: S at the right edges of
+the fold's time bins gives the survival curve in the same place as the discrete models', and risk = -sum of it.
 
 Attention map (``return_attention=True``): ``"20x"`` [N], the gated-attention pooling weights in patch order.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
@@ -127,39 +125,6 @@ class SurvivalMDN(nn.Module):
         return torch.stack([w, mu, sigma], dim=1)
 
 
-def _inverse_softplus(t: torch.Tensor) -> torch.Tensor:
-    t = t.clamp_min(1e-4)
-    return t + torch.log(-torch.expm1(-t))
-
-
-def mdn_log_survival(params: torch.Tensor, months: torch.Tensor) -> torch.Tensor:
-    """log S(t) of the mixture ``params`` [B, 3, K] at ``months`` [B, T] (or [T], shared) -> [B, T]."""
-    params = params.float()
-    log_w, mu, sigma = params[:, 0].log_softmax(-1), params[:, 1], params[:, 2]
-    y = _inverse_softplus(months.float()).expand(params.shape[0], -1).unsqueeze(-1)  # [B, T, 1]
-    tail = torch.special.log_ndtr((mu.unsqueeze(1) - y) / sigma.unsqueeze(1))  # log(1 - Phi((y - mu) / sigma))
-    return torch.logsumexp(log_w.unsqueeze(1) + tail, dim=-1)
-
-
-def mdn_survival(params: torch.Tensor, months: torch.Tensor) -> torch.Tensor:
-    """Survival S(t) [B, T] of the mixture at ``months``; at the fold's right bin edges it is the survival curve."""
-    return mdn_log_survival(params, months).exp()
-
-
-def mdn_nll(params: torch.Tensor, months: torch.Tensor, censored: torch.Tensor) -> torch.Tensor:
-    """SCMIL's loss, mean over the batch: -(1 - c) log p(y) - c log S(y), y = inverse-softplus(months).
-
-    The density is taken on y (the change of variables to months adds a term free of parameters).
-    """
-    params = params.float()
-    log_w, mu, sigma = params[:, 0].log_softmax(-1), params[:, 1], params[:, 2]
-    y = _inverse_softplus(months.float()).unsqueeze(-1)  # [B, 1]
-    log_pdf = torch.logsumexp(log_w - 0.5 * ((y - mu) / sigma) ** 2 - sigma.log() - 0.5 * math.log(2 * math.pi), -1)
-    log_s = mdn_log_survival(params, months.float().unsqueeze(-1)).squeeze(-1)
-    c = censored.float()
-    return (-(1 - c) * log_pdf - c * log_s).mean()
-
-
 @register_model(
     "scmil",
     display_name="SCMIL",
@@ -179,6 +144,7 @@ class SCMIL(nn.Module):
         super().__init__()
         if head not in ("hazard", "mdn"):
             raise ValueError(f"SCMIL head must be 'hazard' or 'mdn', not {head!r}")
+        self.head_kind = head  # what the engine trains and reads (milbench.survival.losses)
         # 1-2. SoftFilter
         self.soft_filter = SoftFilter(in_dim)
         # 3. cluster-local attention at the input width
@@ -187,6 +153,13 @@ class SCMIL(nn.Module):
         self.pool = AttentionPool(in_dim, attn_dim, dropout=dropout)
         # 6. survival head
         self.head = HazardHead(in_dim, n_bins) if head == "hazard" else SurvivalMDN(in_dim, n_components)
+
+    def policies(self) -> dict[str, str]:
+        """Large-bag policy for the run record (milbench.engine.fit_fold): the method's own windowed attention."""
+        size = self.context.cluster_size
+        return {"cluster_windows": f"self-attention only within windows of at most {2 * size - 1} patches of one "
+                                   f"k-means cluster (the method's sparse attention, memory linear in the bag; k-means "
+                                   f"seed {self.context.seed}); every patch is used"}
 
     def forward(self, bag: Bag, return_attention: bool = False) -> ModelOutput:
         x = bag.features["20x"]

@@ -1,13 +1,18 @@
-"""Survival core: discrete-time losses (nll, ce) and the Cox loss, time binning, and held-out metrics."""
+"""Survival core: losses and read-outs of the hazard, cox and mdn heads, time binning, and held-out metrics."""
 
 from milbench.survival.binning import assign_bins, fit_bins
 from milbench.survival.losses import (
+    HEAD_KINDS,
     SurvivalLoss,
     ce_loss,
     cox_loss,
     get_loss,
     hazards_to_survival,
+    loss_for_head,
+    mdn_nll,
+    mdn_survival,
     nll_loss,
+    risk_and_survival,
     risk_from_logits,
 )
 
@@ -26,7 +31,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "SurvivalLoss", "assign_bins", "ce_loss", "cox_loss", "evaluation_times", "fit_bins", "fold_metrics",
-    "get_loss", "harrell_c", "hazards_to_survival", "integrated_brier", "logrank_p", "nll_loss",
-    "risk_from_logits", "survival_at", "td_auc", "uno_c",
+    "HEAD_KINDS", "SurvivalLoss", "assign_bins", "ce_loss", "cox_loss", "evaluation_times", "fit_bins",
+    "fold_metrics", "get_loss", "harrell_c", "hazards_to_survival", "integrated_brier", "logrank_p", "loss_for_head",
+    "mdn_nll", "mdn_survival", "nll_loss", "risk_and_survival", "risk_from_logits", "survival_at", "td_auc", "uno_c",
 ]

@@ -1,9 +1,17 @@
-"""Survival losses for the shared discrete-time hazard head, plus the Cox partial likelihood.
+"""Survival losses and read-outs for the three head kinds a model can have.
 
-Conventions (spec section 0): ``logits`` [B, n_bins], hazards ``h = sigmoid(logits)``, survival
-``S_k = prod_{j<=k} (1 - h_j)``, bin label ``y`` in 0..n_bins-1, censorship ``c`` (1 = censored, CLAM/MCAT
-convention). Logs are taken from the logits with ``logsigmoid`` so no ``log(0)`` is ever formed; they are
-then clamped below at ``log(eps)``, which equals the reference's ``log(clamp(x, eps))`` exactly.
+Head kinds (``model.head_kind``, "hazard" unless a model declares another):
+
+* ``"hazard"``, the shared discrete-time head. Conventions (spec section 0): ``logits`` [B, n_bins], hazards
+  ``h = sigmoid(logits)``, survival ``S_k = prod_{j<=k} (1 - h_j)``, bin label ``y`` in 0..n_bins-1, censorship
+  ``c`` (1 = censored, CLAM/MCAT convention). Logs are taken from the logits with ``logsigmoid`` so no ``log(0)``
+  is ever formed; they are then clamped below at ``log(eps)``, which equals the reference's ``log(clamp(x, eps))``
+  exactly. Loss nll (default), ce, or cox (on the risk); risk ``-sum_k S_k``.
+* ``"cox"`` (ProtoSurv's original head): ``logits`` [B, 1] is the log-risk. Loss: the Cox partial likelihood over
+  several patients. Risk: the log-risk itself. No survival curve (that would need a Breslow baseline).
+* ``"mdn"`` (SCMIL's original head): ``logits`` [B, 3, K] are the (mixture logits, means, scales) of a Gaussian
+  mixture over inverse-softplus(time in months). Loss: :func:`mdn_nll`. Survival curve: S at the right edges of the
+  fold's time bins (where the hazard head's ``S_k`` sits), risk minus its sum, as for the hazard head.
 """
 
 from __future__ import annotations
@@ -12,11 +20,17 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from milbench import MilbenchError
 
+# The losses each head kind can be trained with, its default first.
+HEAD_LOSSES: dict[str, tuple[str, ...]] = {"hazard": ("nll", "ce", "cox"), "cox": ("cox",), "mdn": ("mdn",)}
+HEAD_KINDS = tuple(HEAD_LOSSES)
+_HEAD_OUTPUT = {"hazard": "[1, n_bins] hazard logits", "cox": "a [1, 1] log-risk",
+                "mdn": "[1, 3, K] mixture parameters"}
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -103,36 +117,106 @@ def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> tor
     return -(event * (risk - log_risk_set)).sum() / event.sum().clamp(min=1.0)
 
 
+def _inverse_softplus(t: torch.Tensor) -> torch.Tensor:
+    t = t.clamp_min(1e-4)
+    return t + torch.log(-torch.expm1(-t))
+
+
+def mdn_log_survival(params: torch.Tensor, months: torch.Tensor) -> torch.Tensor:
+    """log S(t) of the mixture ``params`` [B, 3, K] at ``months`` [B, T] (or [T], shared) -> [B, T]."""
+    params = params.float()
+    log_w, mu, sigma = params[:, 0].log_softmax(-1), params[:, 1], params[:, 2]
+    y = _inverse_softplus(months.float()).expand(params.shape[0], -1).unsqueeze(-1)  # [B, T, 1]
+    tail = torch.special.log_ndtr((mu.unsqueeze(1) - y) / sigma.unsqueeze(1))  # log(1 - Phi((y - mu) / sigma))
+    return torch.logsumexp(log_w.unsqueeze(1) + tail, dim=-1)
+
+
+def mdn_survival(params: torch.Tensor, months: torch.Tensor) -> torch.Tensor:
+    """Survival S(t) [B, T] of the mixture at ``months``; at the fold's right bin edges it is the survival curve."""
+    return mdn_log_survival(params, months).exp()
+
+
+def mdn_nll(params: torch.Tensor, months: torch.Tensor, censored: torch.Tensor) -> torch.Tensor:
+    """SCMIL's loss, mean over the batch: -(1 - c) log p(y) - c log S(y), y = inverse-softplus(months).
+
+    The density is taken on y (the change of variables to months adds a term free of parameters).
+    """
+    params = params.float()
+    log_w, mu, sigma = params[:, 0].log_softmax(-1), params[:, 1], params[:, 2]
+    y = _inverse_softplus(months.float()).unsqueeze(-1)  # [B, 1]
+    log_pdf = torch.logsumexp(log_w - 0.5 * ((y - mu) / sigma) ** 2 - sigma.log() - 0.5 * math.log(2 * math.pi), -1)
+    log_s = mdn_log_survival(params, months.float().unsqueeze(-1)).squeeze(-1)
+    c = censored.float()
+    return (-(1 - c) * log_pdf - c * log_s).mean()
+
+
+def risk_and_survival(head: str, outputs: torch.Tensor, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Risk [B] (higher = earlier death) and survival at the right edges of the time bins [B, n_bins] (None for
+    the cox head, which has no curve) from a head's ``outputs``; ``edges`` [n_bins + 1] are the fold's bin edges."""
+    outputs = outputs.float()
+    if head == "cox":
+        return outputs.reshape(-1).numpy(), None
+    if head == "mdn":
+        surv = mdn_survival(outputs, torch.as_tensor(np.asarray(edges, dtype=float)[1:], dtype=torch.float32))
+    else:
+        surv = hazards_to_survival(outputs)
+    surv = surv.numpy()
+    return -surv.sum(axis=1), surv
+
+
+def loss_for_head(head: str, loss: str | None = None) -> str:
+    """The loss that trains a ``head`` of that kind: ``loss`` when it fits, the head's default when None; a one-line
+    error naming the fix when it does not."""
+    if head not in HEAD_LOSSES:
+        raise MilbenchError(f"unknown head kind {head!r}: a model's head_kind must be one of {', '.join(HEAD_KINDS)}")
+    if loss is None:
+        return HEAD_LOSSES[head][0]
+    if loss not in HEAD_LOSSES[head]:
+        raise MilbenchError(f"loss={loss} cannot train the model's {head} head ({_HEAD_OUTPUT[head]}): use "
+                            f"--set loss={HEAD_LOSSES[head][0]}, or leave loss unset to get it")
+    return loss
+
+
 @dataclass(frozen=True)
 class SurvivalLoss:
-    """A named survival loss with one call signature for the engine: ``loss(logits, y, c, time=None) -> scalar``.
+    """A named survival loss for one head kind, with one call signature for the engine:
+    ``loss(logits, y, c, time=None) -> scalar`` (``y`` the time bins, ``c`` the censorship, ``time`` in months).
 
-    ``needs_batch`` is True for the Cox loss, whose value depends on several patients at once (a single bag
-    gives 0) and which needs ``time``; the discrete-time losses are per-patient and can be accumulated one bag
-    at a time.
+    ``needs_batch`` is True for the Cox loss, whose value depends on several patients at once (a single bag gives
+    0): the engine applies it to a window of bags. ``needs_time`` is True for cox and mdn, which read the times.
     """
 
     name: str
     alpha: float
     fn: Callable[..., torch.Tensor]
     needs_batch: bool
+    head: str = "hazard"
+
+    @property
+    def needs_time(self) -> bool:
+        return self.name in ("cox", "mdn")
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
                  time: torch.Tensor | None = None) -> torch.Tensor:
-        """Loss of a batch; the Cox loss ranks ``risk_from_logits(logits)`` with events ``1 - c``."""
-        if not self.needs_batch:
+        """Loss of a batch; the Cox loss ranks the log-risk of a cox head, ``risk_from_logits`` of a hazard head,
+        with events ``1 - c``."""
+        if not self.needs_time:
             return self.fn(logits, y, c, alpha=self.alpha)
         if time is None:
             raise MilbenchError(f"the {self.name} loss needs the survival times of the batch; pass time=")
-        return self.fn(risk_from_logits(logits), time, 1 - c)
+        if self.name == "mdn":
+            return self.fn(logits, time, c)
+        return self.fn(logits.reshape(-1) if self.head == "cox" else risk_from_logits(logits), time, 1 - c)
 
 
-def get_loss(name: str, alpha: float = 0.0) -> SurvivalLoss:
-    """The loss called ``name`` ("nll", "cox" or "ce"); ``alpha`` is used by nll and ce, ignored by cox."""
-    table = {"nll": (nll_loss, False), "ce": (ce_loss, False), "cox": (cox_loss, True)}
+def get_loss(name: str, alpha: float = 0.0, head: str = "hazard") -> SurvivalLoss:
+    """The loss called ``name`` ("nll", "ce", "cox" or "mdn") for a ``head`` of that kind; ``alpha`` is used by nll
+    and ce, ignored by cox and mdn."""
+    table = {"nll": (nll_loss, False), "ce": (ce_loss, False), "cox": (cox_loss, True), "mdn": (mdn_nll, False)}
     if name not in table:
         raise MilbenchError(f"unknown survival loss {name!r}; choose one of {', '.join(table)}")
     if not 0.0 <= alpha <= 1.0:
         raise MilbenchError(f"survival loss alpha must lie in [0, 1], got {alpha}")
+    loss_for_head(head, name)
     fn, needs_batch = table[name]
-    return SurvivalLoss(name=name, alpha=alpha, fn=fn, needs_batch=needs_batch)
+    return SurvivalLoss(name=name, alpha=alpha, fn=fn, needs_batch=needs_batch, head=head)

@@ -138,17 +138,27 @@ def evaluation_times(train_time, time, event) -> np.ndarray:
 def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges) -> dict[str, float]:
     """c_index, uno_c, ibs and td_auc (mean) of one held-out fold; a metric that cannot be computed is NaN, logged.
 
-    ``risk`` [n] and ``surv_bins`` [n, n_bins] are the head's outputs, ``edges`` the fold's bin edges. Uno's C is
-    truncated at the last training time; IBS and td-AUC use ``evaluation_times``.
+    ``risk`` [n] and ``surv_bins`` [n, n_bins] are the head's outputs, ``edges`` the fold's bin edges; ``surv_bins``
+    is None for a head without a survival curve (cox), and IBS is then NaN. Uno's C is truncated at the last training
+    time; IBS and td-AUC use ``evaluation_times``.
     """
     train_time, train_event, _ = _check("fold_metrics (training fold)", train_time, train_event, need_event=False)
-    time, event, (risk, surv_bins) = _check("fold_metrics", time, event, risk, surv_bins, need_event=False)
-    survival_at(surv_bins, edges, [])  # checks surv_bins [n, n_bins] against the edges before any metric runs
+    scores = (risk,) if surv_bins is None else (risk, surv_bins)
+    time, event, (risk, *curves) = _check("fold_metrics", time, event, *scores, need_event=False)
+    surv_bins = curves[0] if curves else None
+    if surv_bins is not None:
+        survival_at(surv_bins, edges, [])  # checks surv_bins [n, n_bins] against the edges before any metric runs
     times = evaluation_times(train_time, time, event)
     # Censor held-out follow-up at the last training time: IBS and td-AUC at times below it are unchanged (such
     # patients are controls there), and the training censoring estimate is never asked to extrapolate.
     cut = train_time.max()
     time_cut, event_cut = np.minimum(time, cut), event & (time < cut)
+
+    def curve() -> np.ndarray:
+        """The survival curves, or an error saying the head has none."""
+        if surv_bins is None:
+            raise MilbenchError("the model's head gives a risk but no survival curve (a Cox head)")
+        return surv_bins
 
     def needs_times(k: int) -> np.ndarray:
         """The evaluation times, or an error saying why there are fewer than ``k``."""
@@ -160,7 +170,7 @@ def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges) -
         "c_index": lambda: harrell_c(time, event, risk),
         "uno_c": lambda: uno_c(train_time, train_event, time, event, risk, tau=float(cut)),
         "ibs": lambda: integrated_brier(train_time, train_event, time_cut, event_cut,
-                                        survival_at(surv_bins, edges, needs_times(2)), times),
+                                        survival_at(curve(), edges, needs_times(2)), times),
         "td_auc": lambda: td_auc(train_time, train_event, time_cut, event_cut, risk, needs_times(1))[1],
     }
     out: dict[str, float] = {}

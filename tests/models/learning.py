@@ -11,7 +11,9 @@ import torch
 from sksurv.metrics import concordance_index_censored
 
 from milbench.data.prepare import prepare_bag
+from milbench.engine import head_kind, train_epoch
 from milbench.registry import create_model, get_card
+from milbench.survival.losses import get_loss, loss_for_head, risk_and_survival
 from tests.conftest import nested_bag
 
 
@@ -28,9 +30,26 @@ def make_patients(n: int, n5: int, in_dim: int, seed: int, card) -> list[tuple]:
     return out
 
 
+class BagList:
+    """Bags by index, as the engine's epoch loop reads them (``get(i, as_float)``)."""
+
+    def __init__(self, bags: list) -> None:
+        self.bags = bags
+
+    def get(self, i: int, as_float: bool = True):
+        return self.bags[i]
+
+
 def held_out_c_index(name: str, epochs: int = 12, lr: float = 1e-3, in_dim: int = 16, n5: int = 4,
-                     n_train: int = 48, n_test: int = 32, seed: int = 0, **hparams) -> float:
-    """Train ``name`` with the discrete-time NLL on 4 quantile bins, return Harrell's C on held-out patients."""
+                     n_train: int = 48, n_test: int = 32, seed: int = 0, loss: str | None = None,
+                     grad_accum: int = 1, **hparams) -> float:
+    """Train ``name`` with the engine's epoch loop, return Harrell's C on held-out patients.
+
+    The loss is the one the engine uses for the model's head (``loss`` or the head's default): the discrete-time
+    NLL (alpha 0) on 4 quantile bins for the hazard head, plus every task output and the auxiliary loss; the Cox
+    loss over windows of ``grad_accum`` bags for a cox head; the mixture NLL on the times for an mdn head. Adam steps
+    every ``grad_accum`` bags; all patients have an event.
+    """
     torch.manual_seed(seed)
     card = get_card(name)
     model = create_model(name, in_dim=in_dim, n_bins=4, **hparams)
@@ -40,25 +59,19 @@ def held_out_c_index(name: str, epochs: int = 12, lr: float = 1e-3, in_dim: int 
     edges = np.quantile(times, [0.25, 0.5, 0.75])
     if hasattr(model, "fit_priors"):
         model.fit_priors([b for b, _, _ in train])
+    head = head_kind(model)
+    loss_fn = get_loss(loss_for_head(head, loss), head=head)
+    y = torch.as_tensor(np.searchsorted(edges, times))
+    t = torch.as_tensor(times, dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    bags = BagList([b for b, _, _ in train])
     for _ in range(epochs):
         model.train()
-        for bag, t, _ in train:
-            y = int(np.searchsorted(edges, t))
-            out = model(bag)
-            h = torch.sigmoid(out.logits[0]).clamp(1e-7, 1 - 1e-7)
-            log_s = torch.cumsum(torch.log1p(-h), 0)
-            loss = -(torch.log(h[y]) + (log_s[y - 1] if y > 0 else 0.0))
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_epoch(model, bags, list(range(n_train)), y, torch.zeros(n_train), loss_fn, opt, grad_accum, months=t)
     model.eval()
     with torch.no_grad():
-        risks = []
-        for bag, _, _ in test:
-            h = torch.sigmoid(model(bag).logits[0])
-            risks.append(-torch.cumprod(1 - h, 0).sum().item())
+        outputs = torch.cat([model(bag).logits for bag, _, _ in test])
+    all_edges = np.concatenate([[times.min() - 1e-6], edges, [times.max() + 1e-6]])
+    risks, _ = risk_and_survival(head, outputs, all_edges)
     t_test = np.array([t for _, t, _ in test])
-    return concordance_index_censored(np.ones(len(t_test), bool), t_test, np.array(risks))[0]
+    return concordance_index_censored(np.ones(len(t_test), bool), t_test, risks)[0]

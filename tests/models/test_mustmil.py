@@ -24,10 +24,11 @@ def test_card():
 
 
 @pytest.mark.parametrize("scales", [("5x", "10x"), THREE])
-def test_forward_tasks_attention_and_backward(scales):
+def test_scale_tasks_attention_and_backward(scales):
     bag = nested_bag(n5=3, in_dim=16)
     model = create_model("mustmil", 16, scales=scales)
-    out, tasks = model.forward_tasks(bag, return_attention=True)
+    out = model(bag, return_attention=True)
+    tasks = out.tasks
     assert out.logits.shape == (1, 4) and set(tasks) == set(scales)
     assert all(t.shape == (1, 4) for t in tasks.values())
     sizes = {"5x": 3, "10x": 12, "20x": 48}
@@ -39,7 +40,8 @@ def test_forward_tasks_attention_and_backward(scales):
     # every weight learns; a bias added to all scores before a softmax has no gradient by construction
     trained = [p for n, p in model.named_parameters() if not n.endswith("attention.attn_w.bias")]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    assert torch.equal(model(bag).logits, out.logits)  # forward = the WSI prediction, deterministic
+    again = model(bag)  # deterministic
+    assert torch.equal(again.logits, out.logits) and torch.equal(again.tasks[scales[0]], tasks[scales[0]])
 
 
 def test_orphan_rows_are_dropped():

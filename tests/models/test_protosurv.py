@@ -135,6 +135,21 @@ def test_training_subsamples_nodes_for_the_attention_branches():
     assert int((model(bag, return_attention=True).attention["20x"] > 0).sum()) == 32
 
 
+def test_policies_say_the_cap_and_count_the_training_bags_it_cut():
+    model = fitted(max_train_nodes=10).train()
+    for bag in bags(2, seed=9) + bags(1, seed=9):  # two distinct bags, one seen twice
+        model(bag)
+    model.eval()
+    model(bags(1, seed=20)[0])  # evaluation never subsamples
+    policy = model.policies()
+    assert policy["max_train_nodes"]["cap"] == 10 and policy["max_train_nodes"]["bags_subsampled"] == 2
+    assert "prior_seed=0" in policy["tissue_priors"] and "gradient_checkpointing" in policy
+    uncapped = fitted(max_train_nodes=None).train()
+    uncapped(bags(1, seed=9)[0])
+    assert uncapped.policies()["max_train_nodes"]["bags_subsampled"] == 0
+    assert "no cap" in uncapped.policies()["max_train_nodes"]["applies_to"]
+
+
 def test_orthogonality_loss_matches_the_d_by_d_form():
     p = torch.randn(40, 64, dtype=torch.float64)
     s = p.T @ p
@@ -156,3 +171,10 @@ def test_compatibility_loss_pulls_patches_to_their_own_type():
 @pytest.mark.slow
 def test_learns_marked_region_signal():
     assert held_out_c_index("protosurv", epochs=8, hidden=16, dim_proto=48, proto_hidden=48) > 0.7
+
+
+@pytest.mark.slow
+def test_cox_head_learns_over_accumulation_windows():
+    """The original head trained with the Cox loss over windows of 8 bags (about 8 s)."""
+    assert held_out_c_index("protosurv", head="cox", grad_accum=8, epochs=8, hidden=16, dim_proto=48,
+                            proto_hidden=48) > 0.7

@@ -10,7 +10,17 @@ import torch
 from statsmodels.duration.hazard_regression import PHReg
 
 from milbench import MilbenchError
-from milbench.survival import ce_loss, cox_loss, get_loss, hazards_to_survival, nll_loss, risk_from_logits
+from milbench.survival import (
+    ce_loss,
+    cox_loss,
+    get_loss,
+    hazards_to_survival,
+    mdn_nll,
+    mdn_survival,
+    nll_loss,
+    risk_and_survival,
+    risk_from_logits,
+)
 
 
 def logit(p: list[float]) -> list[float]:
@@ -157,6 +167,35 @@ def test_get_loss_factory():
     assert cox(LOGITS, Y, C, time).item() == pytest.approx(expected.item())
     with pytest.raises(MilbenchError, match="needs the survival times"):
         cox(LOGITS, Y, C)
+
+
+def test_losses_and_read_outs_of_the_cox_and_mdn_heads():
+    time = torch.tensor([3.0, 5.0, 1.0])
+    log_risk = torch.tensor([[0.3], [-1.0], [2.0]], dtype=torch.float64)
+    cox = get_loss("cox", head="cox")
+    assert cox(log_risk, Y, C, time).item() == pytest.approx(cox_loss(log_risk[:, 0], time, 1 - C).item())
+    risk, surv = risk_and_survival("cox", log_risk, np.array([0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert surv is None and np.allclose(risk, [0.3, -1.0, 2.0])
+    params = torch.stack([torch.zeros(3, 4), torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(3, 4), torch.ones(3, 4)], 1)
+    params[0, 0, 0] = 5.0  # patient 0 puts its mass on the earliest component: the highest risk
+    mdn = get_loss("mdn", head="mdn")
+    assert mdn.needs_time and not mdn.needs_batch
+    assert mdn(params, Y, C, time).item() == pytest.approx(mdn_nll(params, time, C).item())
+    edges = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
+    risk, surv = risk_and_survival("mdn", params, edges)
+    assert np.allclose(surv, mdn_survival(params, torch.tensor(edges[1:])).numpy(), atol=1e-6)
+    assert np.allclose(risk, -surv.sum(1)) and risk[0] > risk[1] == pytest.approx(risk[2])
+    risk, surv = risk_and_survival("hazard", LOGITS, edges)
+    assert np.allclose(surv, hazards_to_survival(LOGITS).numpy()) and np.allclose(risk, -surv.sum(1))
+
+
+def test_a_loss_must_fit_the_head():
+    with pytest.raises(MilbenchError, match="loss=nll cannot train the model's cox head.*--set loss=cox"):
+        get_loss("nll", head="cox")
+    with pytest.raises(MilbenchError, match="loss=mdn cannot train the model's hazard head"):
+        get_loss("mdn")
+    with pytest.raises(MilbenchError, match="head kind"):
+        get_loss("nll", head="poisson")
 
 
 def test_bad_inputs_raise_one_line_errors():

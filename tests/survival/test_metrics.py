@@ -138,6 +138,16 @@ def test_fold_metrics_nan_with_logged_reason(whas, caplog):
     assert "fewer than 2 evaluation times" in caplog.text
 
 
+def test_a_head_without_survival_curves_gets_every_metric_but_ibs(whas, caplog):
+    full = fold_metrics(whas["train_time"], whas["train_event"], whas["time"], whas["event"], whas["risk"],
+                        whas["surv_bins"], whas["edges"])
+    with caplog.at_level(logging.WARNING, logger="milbench.survival.metrics"):
+        out = fold_metrics(whas["train_time"], whas["train_event"], whas["time"], whas["event"], whas["risk"], None,
+                           whas["edges"])
+    assert np.isnan(out["ibs"]) and "no survival curve" in caplog.text
+    assert {k: out[k] for k in ("c_index", "uno_c", "td_auc")} == {k: full[k] for k in ("c_index", "uno_c", "td_auc")}
+
+
 def test_fold_metrics_rejects_malformed_predictions(whas):
     with pytest.raises(MilbenchError, match="one entry per patient"):
         fold_metrics(whas["train_time"], whas["train_event"], whas["time"], whas["event"], whas["risk"][:-1],
