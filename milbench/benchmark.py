@@ -163,25 +163,31 @@ def prepare_cohorts(spec: BenchmarkSpec, on_cohort: Callable[[str, bool], None] 
     return tables
 
 
-def benchmark_jobs(spec: BenchmarkSpec, tables: dict[str, Path], models: list[str] | None = None
-                   ) -> tuple[list[FoldJob], list[str]]:
+def _subset(wanted: list | None, available: tuple, what: str, path: Path) -> list:
+    """``wanted`` (in the file's order) after checking each is in ``available``; all of them when None."""
+    if not wanted:
+        return list(available)
+    unknown = [w for w in wanted if w not in available]
+    if unknown:
+        raise MilbenchError(f"{what} '{unknown[0]}' is not in {path}: use some of {', '.join(map(str, available))}")
+    return [a for a in available if a in wanted]
+
+
+def benchmark_jobs(spec: BenchmarkSpec, tables: dict[str, Path], models: list[str] | None = None,
+                   seeds: list[int] | None = None) -> tuple[list[FoldJob], list[str]]:
     """Every fold of the benchmark (models x scenarios x seeds x folds), slowest models first, and grid notes.
 
-    ``models`` restricts the run to some of the file's models (the file's order is kept).
+    ``models`` and ``seeds`` restrict the run to some of the file's (the file's order is kept), e.g. to share the
+    work between machines.
     """
     from milbench.grid import build_jobs
 
-    names = list(spec.models)
-    if models:
-        unknown = [m for m in models if m not in names]
-        if unknown:
-            raise MilbenchError(f"model '{unknown[0]}' is not in {spec.path}: use some of {', '.join(names)}")
-        names = [m for m in names if m in models]
+    names = _subset(models, spec.models, "model", spec.path)
     sources = [str(tables[s]) for s in spec.scenarios]
     jobs: list[FoldJob] = []
     notes: list[str] = []
     for model in names:
-        for seed in spec.seeds:
+        for seed in _subset(seeds, spec.seeds, "seed", spec.path):
             overrides = {"protocol": spec.protocol, "epochs": spec.epochs, "seed": seed, **spec.options.get(model, {})}
             more, why = build_jobs([model], sources, ["default"], None, None, spec.recipe, overrides)
             jobs += more

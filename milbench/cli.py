@@ -141,6 +141,7 @@ def grid(
 def benchmark(
     config: Path = typer.Argument(..., help="Benchmark file, e.g. benchmarks/synthetic.toml."),
     models: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's models (default: all)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's seeds (default: all)."),
     dry_run: bool = typer.Option(False, help="Write the cohorts and print the plan; train nothing."),
     executor: str = EXECUTOR,
     ray_address: Optional[str] = RAY_ADDRESS,
@@ -159,7 +160,8 @@ def benchmark(
     spec = load_spec(config)
     tables = prepare_cohorts(spec, lambda name, fresh: console.print(
         f"cohort {name}: {'written' if fresh else 'present'} in {spec.data_dir / name}", highlight=False))
-    jobs, notes = benchmark_jobs(spec, tables, split_list(models, "--models") if models else None)
+    jobs, notes = benchmark_jobs(spec, tables, split_list(models, "--models") if models else None,
+                                 [int(s) for s in split_list(seeds, "--seeds")] if seeds else None)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     todo, skipped = plan(jobs, spec.runs_dir)

@@ -91,6 +91,10 @@ def test_cohorts_are_written_once_and_jobs_cover_the_grid(tmp_path):
     assert {j.cfg.model for j in only} == {"amil"}
     with pytest.raises(MilbenchError, match="transmil"):
         benchmark_jobs(spec, tables, ["transmil"])
+    one_seed, _ = benchmark_jobs(spec, tables, None, [8])
+    assert {j.cfg.seed for j in one_seed} == {8} and len(one_seed) == 2 * 2 * 2
+    with pytest.raises(MilbenchError, match="seed '9'"):
+        benchmark_jobs(spec, tables, None, [9])
 
 
 def test_changed_parameters_regenerate_the_cohort(tmp_path):
