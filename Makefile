@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.milbench-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast leaderboards clean
+.PHONY: setup demo test test-fast benchmark leaderboards clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,15 @@ test: setup $(RAY_STAMP)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The synthetic benchmark (benchmarks/synthetic.toml: 13 models x 4 scenarios x 3 seeds x 5 folds) into
+# leaderboards/synthetic/runs; resumable. About 11 CPU-hours at one core per fold: JOBS folds at once, or
+# BENCH_ARGS="--executor ray" (see the README's cluster section) to spread it.
+JOBS ?= 2
+BENCH_ARGS ?=
+
+benchmark: setup
+	$(VENV)/bin/milbench benchmark benchmarks/synthetic.toml --device cpu --max-parallel $(JOBS) $(BENCH_ARGS)
 
 # Every committed run store leaderboards/<name>/runs/ is rendered into leaderboards/<name>/ (md, tex, html, csv),
 # and the published figures into leaderboards/reported/ (see leaderboards/README.md).
