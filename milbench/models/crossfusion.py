@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from milbench.data.bag import Bag
 from milbench.models.blocks import (
@@ -135,7 +136,14 @@ class PadTransformer(nn.Module):
 
 
 class MultiScaleConv(nn.Module):
-    """Grouped 7x7 + 5x5 + 3x3 convolutions plus a grouped 1x1 shortcut projection, summed."""
+    """Grouped 7x7 + 5x5 + 3x3 convolutions plus a grouped 1x1 shortcut projection, summed.
+
+    Computed as one convolution: the four share their groups and centre, so their sum is the convolution with
+    the summed (zero-padded) kernel and biases. With one output channel per group (CrossFusion: d -> d/2 in d/2
+    groups) that grouped convolution runs as a depthwise one over the input channels followed by a sum over each
+    group's inputs: the same function, through the fast depthwise kernel instead of four grouped ones (the grouped
+    kernels took 115 ms forward and backward on a 117 x 117 grid on an H100; docs/performance.md).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, groups: int) -> None:
         super().__init__()
@@ -144,8 +152,20 @@ class MultiScaleConv(nn.Module):
         self.conv3 = nn.Conv2d(in_dim, out_dim, 3, padding=1, groups=groups)
         self.shortcut = nn.Conv2d(in_dim, out_dim, 1, groups=groups)
 
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed 7x7 kernel [out, in/groups, 7, 7] and bias [out] of the four convolutions."""
+        weight = (self.conv7.weight + F.pad(self.conv5.weight, (1, 1, 1, 1)) + F.pad(self.conv3.weight, (2, 2, 2, 2))
+                  + F.pad(self.shortcut.weight, (3, 3, 3, 3)))
+        return weight, self.conv7.bias + self.conv5.bias + self.conv3.bias + self.shortcut.bias
+
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.shortcut(grid) + self.conv7(grid) + self.conv5(grid) + self.conv3(grid)
+        weight, bias = self.merged()
+        out, per = weight.shape[:2]
+        if out != self.conv7.groups:  # several outputs per group: the merged grouped convolution itself
+            return F.conv2d(grid, weight, bias, padding=3, groups=self.conv7.groups)
+        b, _, h, w = grid.shape
+        y = F.conv2d(grid, weight.reshape(out * per, 1, 7, 7), padding=3, groups=out * per)
+        return y.view(b, out, per, h, w).sum(2) + bias.view(1, -1, 1, 1)
 
 
 class ConvProcessor(nn.Module):

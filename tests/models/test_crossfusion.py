@@ -137,3 +137,20 @@ def test_bf16_autocast_forward(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_learns_marked_region_signal(name):
     assert held_out_c_index(name, epochs=3, lr=1e-3, embed_dim=32) > 0.7
+
+
+@pytest.mark.parametrize("in_dim, out_dim, groups", [(16, 8, 8), (16, 16, 8)])
+def test_multi_scale_conv_is_the_sum_of_its_four_convolutions(in_dim, out_dim, groups):
+    """One merged (depthwise) convolution computes the reference's four grouped ones: values and gradients."""
+    from milbench.models.crossfusion import MultiScaleConv
+
+    torch.manual_seed(0)
+    conv = MultiScaleConv(in_dim, out_dim, groups).double()
+    x = torch.randn(2, in_dim, 6, 6, dtype=torch.double, requires_grad=True)
+    fast = conv(x)
+    reference = conv.shortcut(x) + conv.conv7(x) + conv.conv5(x) + conv.conv3(x)
+    torch.testing.assert_close(fast, reference)
+    grads = torch.autograd.grad(fast.square().sum(), [x, *conv.parameters()])
+    grads_ref = torch.autograd.grad(reference.square().sum(), [x, *conv.parameters()])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
