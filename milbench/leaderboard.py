@@ -143,12 +143,15 @@ def _ipcw_metrics(fold: LoadedFold, run: list[LoadedFold], wanted: list[str], no
                      f"train_labels and the run's other folds are not exactly its training patients, so they are NaN")
         return nan, "unavailable"
     pred, edges, surv = fold.predictions, fold.record.get("bin_edges"), _survival_columns(fold.predictions)
-    if edges is None or not surv:
-        notes.append(f"{fold.path}: the record has no bin_edges or the predictions no surv_* columns: "
-                     f"{', '.join(wanted)} are NaN")
+    if edges is None:
+        notes.append(f"{fold.path}: the record has no bin_edges: {', '.join(wanted)} are NaN")
         return nan, labels[2]
+    if not surv and "ibs" in wanted:  # a head without a survival curve (cox): Uno's C and td-AUC need the risk only
+        notes.append(f"{fold.path}: the predictions have no surv_* columns (a head without a survival curve): "
+                     f"ibs is NaN")
     values = fold_metrics(labels[0], labels[1], pred.time.to_numpy(float), pred.event.to_numpy(int),
-                          pred.risk.to_numpy(float), pred[surv].to_numpy(float), np.asarray(edges, dtype=float))
+                          pred.risk.to_numpy(float), pred[surv].to_numpy(float) if surv else None,
+                          np.asarray(edges, dtype=float))
     return {m: values[m] for m in wanted}, labels[2]
 
 

@@ -349,3 +349,17 @@ def test_cost_block_has_the_oracle_gap_time_and_memory(board):
     assert amil[3:] == ["30.0", "3.00", "5.00", "x86_64"]  # folds 0-4: 10..50 s, 1..5 s/epoch, max 5 GiB
     dsmil = next(cells for group, label, cells in rows if label == "DSMIL" and group == "synthetic_coarse")
     assert dsmil[3] == "20.0"  # its three folds only
+
+
+def test_a_run_without_survival_curves_still_gets_uno_c_and_td_auc(tmp_path):
+    """A Cox head stores a risk and no surv_* columns: Uno's C and td-AUC are recomputed, IBS is NaN with a note."""
+    runs = tmp_path / "runs"
+    write_run(runs, Spec("amil", "synthetic_coarse", 1.0, train_labels_in_record=True))
+    for path in runs.rglob("predictions.csv"):
+        pred = pd.read_csv(path)
+        pred.drop(columns=[c for c in pred if c.startswith("surv_")]).to_csv(path, index=False)
+    for metric in ("uno_c", "td_auc"):
+        board = lb.build(runs, metric=metric, n_boot=0)
+        assert board.folds[metric].notna().all() and board.folds[metric].between(0, 1).all()
+    board = lb.build(runs, metric="ibs", n_boot=0)
+    assert board.folds["ibs"].isna().all() and any("ibs is NaN" in n for n in board.notes)
