@@ -166,7 +166,8 @@ def benchmark(
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     todo, skipped = plan(jobs, spec.runs_dir)
     console.print(f"benchmark {spec.name}: {len(jobs)} folds ({len({j.cfg.model for j in jobs})} models x "
-                  f"{len(spec.scenarios)} scenarios x {len(spec.seeds)} seeds x {spec.cohort.folds} folds); "
+                  f"{len(spec.scenarios)} scenarios x {len({j.cfg.seed for j in jobs})} seeds x {spec.cohort.folds} "
+                  f"folds); "
                   f"{len(todo)} to run, {skipped} already complete in {spec.runs_dir}", highlight=False)
     if dry_run or not todo:
         return

@@ -120,3 +120,5 @@ def test_benchmark_command_runs_resumes_and_feeds_the_leaderboard(tmp_path):
     assert board.cells.oracle.between(0.5, 1.0).all() and (board.cells.seeds == 2).all()
     again = runner.invoke(app, ["benchmark", str(path), "--device", "cpu"])
     assert again.exit_code == 0 and "0 to run, 8 already complete" in " ".join(again.output.split())
+    one = runner.invoke(app, ["benchmark", str(path), "--seeds", "8", "--dry-run"])
+    assert "(1 models x 2 scenarios x 1 seeds x 2 folds); 0 to run, 4 already" in " ".join(one.output.split())
