@@ -34,7 +34,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The synthetic benchmark (benchmarks/synthetic.toml: 13 models x 4 scenarios x 3 seeds x 5 folds) into
-# leaderboards/synthetic/runs; resumable. About 11 CPU-hours at one core per fold: JOBS folds at once, or
+# leaderboards/synthetic/runs; resumable. About 13 CPU-hours at one core per fold: JOBS folds at once, or
 # BENCH_ARGS="--executor ray" (see the README's cluster section) to spread it.
 JOBS ?= 2
 BENCH_ARGS ?=

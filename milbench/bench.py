@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
 import shutil
 import statistics
 import time
@@ -30,7 +29,8 @@ import torch
 
 from milbench import MilbenchError
 from milbench.data.bag import Bag
-from milbench.engine import DeviceBagStore, _as_float, bag_loss, check_pack, default_amp, train_epoch
+from milbench.engine import (DeviceBagStore, _as_float, bag_loss, check_pack, default_amp, device_name,
+                             train_epoch)
 from milbench.models.blocks import compile_blocks
 from milbench.registry import count_parameters, create_model, get_card
 from milbench.survival.losses import get_loss
@@ -140,18 +140,6 @@ def random_bag(name: str, size: BagSize, in_dim: int, device: torch.device, seed
                   {s: coords[s] for s in card.scales})
         bag = prepare_bag(card, cpu).to(device)
     return bag
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} torch threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
 
 
 def _sync(device: torch.device) -> None:

@@ -463,6 +463,19 @@ def _peak_memory(dev: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS (Linux: KiB)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name with the torch threads in use (what a timing ran on)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} torch threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+
+
 def environment(dev: torch.device) -> dict[str, Any]:
     """Versions, commit and device, so every record says what produced it."""
     from importlib.metadata import PackageNotFoundError, version
@@ -478,6 +491,5 @@ def environment(dev: torch.device) -> dict[str, Any]:
                                 text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
-    return {"versions": versions, "git_commit": commit, "device": str(dev), "device_name": name,
+    return {"versions": versions, "git_commit": commit, "device": str(dev), "device_name": device_name(dev),
             "python": platform.python_version(), "torch_threads": torch.get_num_threads()}

@@ -32,6 +32,8 @@ def test_fold_record_and_predictions(synth_cohort):
     assert (np.diff(surv, axis=1) <= 1e-7).all()
     assert np.allclose(-surv.sum(axis=1), res.predictions.risk)
     assert res.record["config_hash"] == _cfg().hash
+    # the record says what the timings ran on: the CPU model and the torch threads
+    assert res.record["environment"]["device_name"].endswith(f"({torch.get_num_threads()} torch threads)")
     # bins were fitted on the training fold only
     edges = np.array(res.record["bin_edges"])
     t, e = synth_cohort.labels(train_ids)
