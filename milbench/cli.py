@@ -24,6 +24,7 @@ GPUS_PER_FOLD = typer.Option(None, help="Ray: GPUs per fold, fractions share a G
                              "GPUs, else 0).")
 CPUS_PER_FOLD = typer.Option(1, help="CPU cores and torch threads per fold.")
 MAX_PARALLEL = typer.Option(None, help="Folds at once (local default 1; ray default: no limit).")
+RETRIES = typer.Option(2, help="Retries of a failed fold (bad input is never retried).")
 
 
 def _folds(text: Optional[str]) -> Optional[list[int]]:
@@ -104,7 +105,7 @@ def grid(
     gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
     cpus_per_fold: int = CPUS_PER_FOLD,
     max_parallel: Optional[int] = MAX_PARALLEL,
-    retries: int = typer.Option(2, help="Retries of a failed fold (bad input is never retried)."),
+    retries: int = RETRIES,
     node_cache: Optional[Path] = typer.Option(None, help="Node-local folder: each node copies the feature files of "
                                               "its folds there once and reads them from there."),
     cache_gb: Optional[float] = typer.Option(None, help="Memory each worker may fill with cached slides (GiB; "
@@ -148,7 +149,7 @@ def benchmark(
     gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
     cpus_per_fold: int = CPUS_PER_FOLD,
     max_parallel: Optional[int] = MAX_PARALLEL,
-    retries: int = typer.Option(2, help="Retries of a failed fold (bad input is never retried)."),
+    retries: int = RETRIES,
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Run a benchmark file: write its synthetic cohorts, then every model x scenario x seed x fold (resumable)."""
