@@ -7,6 +7,7 @@ tokens (the fused kernels on CPU and GPU); attention maps are materialised only 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -168,8 +169,21 @@ def key_attention(q: torch.Tensor, k: torch.Tensor, max_scores: int = 2**26) -> 
     return total / (h * nq)
 
 
+def summed_kernel(convs: Sequence[nn.Conv2d]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of the sum of same-centred convolutions (odd square kernels, same groups and 'same' padding):
+    each kernel zero-padded to the largest, then added. One convolution with them computes the sum of all."""
+    size = max(c.kernel_size[0] for c in convs)
+    weight = sum(F.pad(c.weight, [(size - c.kernel_size[0]) // 2] * 4) for c in convs)
+    return weight, sum(c.bias for c in convs)
+
+
 class PPEG(nn.Module):
-    """Pyramid position encoding generator (TransMIL): x + DWConv7 + DWConv5 + DWConv3 on the token grid."""
+    """Pyramid position encoding generator (TransMIL): x + DWConv7 + DWConv5 + DWConv3 on the token grid.
+
+    The three depthwise convolutions run as one with their summed kernel (:func:`summed_kernel`): the same
+    function, a third of the convolution kernels, whose backward dominated TransMIL's GPU step
+    (docs/performance.md). The residual x stays a separate float32 sum, as in the three-convolution form.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -181,7 +195,8 @@ class PPEG(nn.Module):
         """``tokens`` [B, side*side, d] (no class token) -> same shape."""
         b, n, d = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, d, side, side)
-        grid = grid + self.proj7(grid) + self.proj5(grid) + self.proj3(grid)
+        weight, bias = summed_kernel((self.proj7, self.proj5, self.proj3))
+        grid = grid + F.conv2d(grid, weight, bias, padding=3, groups=d)
         return grid.flatten(2).transpose(1, 2)
 
 

@@ -36,6 +36,7 @@ from milbench.models.blocks import (
     init_linear_trunc_normal,
     key_attention,
     square_pad,
+    summed_kernel,
 )
 from milbench.registry import register_model
 
@@ -152,14 +153,8 @@ class MultiScaleConv(nn.Module):
         self.conv3 = nn.Conv2d(in_dim, out_dim, 3, padding=1, groups=groups)
         self.shortcut = nn.Conv2d(in_dim, out_dim, 1, groups=groups)
 
-    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summed 7x7 kernel [out, in/groups, 7, 7] and bias [out] of the four convolutions."""
-        weight = (self.conv7.weight + F.pad(self.conv5.weight, (1, 1, 1, 1)) + F.pad(self.conv3.weight, (2, 2, 2, 2))
-                  + F.pad(self.shortcut.weight, (3, 3, 3, 3)))
-        return weight, self.conv7.bias + self.conv5.bias + self.conv3.bias + self.shortcut.bias
-
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.merged()
+        weight, bias = summed_kernel((self.conv7, self.conv5, self.conv3, self.shortcut))
         out, per = weight.shape[:2]
         if out != self.conv7.groups:  # several outputs per group: the merged grouped convolution itself
             return F.conv2d(grid, weight, bias, padding=3, groups=self.conv7.groups)
