@@ -21,6 +21,7 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,10 +30,11 @@ import torch
 
 from milbench import MilbenchError
 from milbench.data.bag import Bag
-from milbench.engine import (DeviceBagStore, _as_float, bag_loss, check_pack, default_amp, device_name,
+from milbench.engine import (DeviceBagStore, _as_float, bag_loss, bag_step, check_pack, default_amp, device_name,
                              train_epoch)
 from milbench.models.blocks import compile_blocks
 from milbench.registry import count_parameters, create_model, get_card
+from milbench.step_graphs import StepGraphs, can_graph, graph_key
 from milbench.survival.losses import get_loss
 
 # Patches at 5x / 10x / 20x (../shared/reference/gpu_anchor_h100.md): the paper's cohort averages, a 90th
@@ -198,11 +200,14 @@ def _status_bytes(field_name: str) -> int:
     return 0
 
 
-def _time_calls(fn: Callable[[], None], device: torch.device, steps: int, warmup: int) -> tuple[list[float], int]:
+def _time_calls(fn: Callable[[], None], device: torch.device, steps: int, warmup: int,
+                peak_over_warmup: bool = False) -> tuple[list[float], int]:
     """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` calls, and the peak memory of a call
-    (over the timed calls on CUDA, on one more call on the CPU; see :class:`_PeakMemory`)."""
-    for _ in range(warmup):
-        fn()
+    (over the timed calls on CUDA, on one more call on the CPU; see :class:`_PeakMemory`). ``peak_over_warmup``
+    (CUDA) counts the warm-up calls too: a CUDA graph allocates its memory when it is captured, not replayed."""
+    with _PeakMemory(device) if peak_over_warmup and device.type == "cuda" else contextlib.nullcontext() as warm:
+        for _ in range(warmup):
+            fn()
     if device.type == "cuda":
         with _PeakMemory(device) as mem:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -212,7 +217,7 @@ def _time_calls(fn: Callable[[], None], device: torch.device, steps: int, warmup
                 fn()
                 end.record()
             torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in events], mem.peak
+        return [s.elapsed_time(e) for s, e in events], max(mem.peak, warm.peak if warm else 0)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -282,9 +287,11 @@ def _why(err: BaseException) -> str:
 
 def bench_step(name: str, size: BagSize, in_dim: int, device: torch.device, dtype: str = "bf16", steps: int = 10,
                warmup: int = 3, compile_mode: str = "off", backend: str = "inductor",
-               profile: bool = False) -> dict[str, Any]:
+               profile: bool = False, graphs: bool = False) -> dict[str, Any]:
     """Median training-step time (forward + loss + backward of one bag) and peak memory of ``name`` on one bag;
-    with ``profile``, where one step's time goes (:func:`profile_step`)."""
+    with ``profile``, where one step's time goes (:func:`profile_step`). With ``graphs`` (CUDA, models that declare
+    ``cuda_graphs``) the step is the engine's graphed one (:mod:`milbench.step_graphs`): the first warm-up call runs
+    eagerly, the second records the graph, the timed calls replay it; the peak includes the recording."""
     record = _base_record(name, size, in_dim, device, dtype)
     bag = random_bag(name, size, in_dim, device)
     loss_fn = get_loss("nll", alpha=0.2)
@@ -295,12 +302,19 @@ def bench_step(name: str, size: BagSize, in_dim: int, device: torch.device, dtyp
         if hasattr(model, "fit_priors"):  # priors from the training fold in a run; here from the bag, untimed
             model.fit_priors([_as_float(bag)])
 
-        def step() -> None:
-            model.zero_grad(set_to_none=True)
-            bag_loss(model, _as_float(bag), y, c, loss_fn, DTYPES[dtype]).backward()
+        graphed = StepGraphs(model, device) if graphs and can_graph(model, device) else None
 
-        times, peak = _time_calls(step, device, steps, warmup)
+        def step() -> None:
+            if graphed is None:
+                model.zero_grad(set_to_none=True)
+                bag_loss(model, _as_float(bag), y, c, loss_fn, DTYPES[dtype]).backward()
+            else:
+                model.zero_grad(set_to_none=False)
+                graphed.run(graph_key(bag), y, c, partial(bag_step, model, bag, loss_fn, DTYPES[dtype], 1))
+
+        times, peak = _time_calls(step, device, steps, warmup, peak_over_warmup=graphed is not None)
         return {"params": count_parameters(model), "steps": steps, "warmup": warmup,
+                "cuda_graphs": graphed.stats() if graphed else None,
                 "step_ms": statistics.median(times),
                 "step_ms_min": min(times), "step_ms_all": [round(t, 3) for t in times], "peak_bytes": peak,
                 "peak_kind": _PeakMemory(device).kind, **(profile_step(step, device) if profile else {})}
@@ -347,6 +361,9 @@ class _Bags:
     def get(self, i: int, as_float: bool = True) -> Bag:
         bag = self.bags[i % len(self.bags)]
         return _as_float(bag) if as_float else bag
+
+    def resident(self, i: int) -> bool:
+        return True
 
 
 def bench_packed(name: str, size: BagSize, in_dim: int, device: torch.device, pack: int, dtype: str = "bf16",
@@ -479,7 +496,7 @@ def reference_epoch(model: torch.nn.Module, root: Path, slides: list[str], devic
 
 
 def milbench_epochs(model: torch.nn.Module, name: str, root: Path, slides: list[str], device: torch.device,
-                    epochs: int = 2, grad_accum: int = 32) -> list[float]:
+                    epochs: int = 2, grad_accum: int = 32, graphs: bool = True) -> list[float]:
     """Seconds per epoch of milbench's path on the cohort at ``root``: the real data layer (readers, feature cache
     in float16, prepared bags) behind the engine's device store and epoch loop (bf16 autocast on CUDA). The first
     epoch reads every slide from disk; later epochs find the bags on the device."""
@@ -494,32 +511,37 @@ def milbench_epochs(model: torch.nn.Module, name: str, root: Path, slides: list[
     cohort = Cohort(name="bench", table=table, folds={0: (slides[1:], slides[:1])}, features_root=root)
     data = BagDataset(cohort, slides, get_card(name).scales, card=get_card(name), cache=FeatureCache())
     bags = DeviceBags(data, DeviceBagStore(device))
-    return _timed_epochs(model, bags, len(slides), device, epochs, grad_accum, default_amp(device))
+    return _timed_epochs(model, bags, len(slides), device, epochs, grad_accum, default_amp(device), graphs)
 
 
 def _timed_epochs(model: torch.nn.Module, bags, n: int, device: torch.device, epochs: int, grad_accum: int,
-                  amp: torch.dtype | None) -> list[float]:
+                  amp: torch.dtype | None, graphs: bool = False) -> list[float]:
+    """Seconds of each of ``epochs`` epochs of the engine's loop over ``n`` bags (random labels, Adam); with
+    ``graphs`` each bag kept on the device has its step graphed, as in training (:mod:`milbench.step_graphs`)."""
     optim = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = get_loss("nll", alpha=0.2)
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (n,), generator=gen).to(device)
     c = torch.randint(0, 2, (n,), generator=gen).float().to(device)
+    step_graphs = StepGraphs(model, device) if graphs and can_graph(model, device) else None
     seconds = []
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).tolist()
         _sync(device)
         t0 = time.perf_counter()
-        train_epoch(model, bags, order, y, c, loss_fn, optim, grad_accum, 1, amp)
+        train_epoch(model, bags, order, y, c, loss_fn, optim, grad_accum, 1, amp, graphs=step_graphs)
         _sync(device)
         seconds.append(time.perf_counter() - t0)
     return seconds
 
 
 def cached_cohort_epoch(model: torch.nn.Module, name: str, patients: int, size: BagSize, in_dim: int,
-                        device: torch.device, grad_accum: int = 32) -> dict[str, Any]:
-    """One epoch of milbench's steady state on ``patients`` bags of ``size``: the features are generated straight
-    into the engine's device store (float16 on the GPU while its budget allows, pinned host memory beyond it)
-    instead of being read from disk, which only the first epoch does (measured by :func:`milbench_epochs`)."""
+                        device: torch.device, grad_accum: int = 32, graphs: bool = True) -> dict[str, Any]:
+    """Two epochs of milbench on ``patients`` cached bags of ``size``: the features are generated straight into the
+    engine's device store (float16 on the GPU while its budget allows, pinned host memory beyond it) instead of
+    being read from disk, which only a run's first epoch does (measured by :func:`milbench_epochs`). With
+    ``graphs`` the first epoch records each bag's CUDA graph and the second, the steady state of the other 99
+    epochs of the paper's recipe, replays them; ``slides_per_s`` is the last epoch's rate."""
     store = DeviceBagStore(device)
     scales = get_card(name).scales
     gen = torch.Generator(device=device).manual_seed(1)
@@ -543,8 +565,12 @@ def cached_cohort_epoch(model: torch.nn.Module, name: str, patients: int, size: 
         def get(self, i: int, as_float: bool = True) -> Bag:
             return store.fetch(i, _never, as_float)
 
-    seconds = _timed_epochs(model, Stored(), patients, device, 1, grad_accum, default_amp(device))[0]
-    return {"patients": patients, "seconds": seconds, "slides_per_s": patients / seconds, "bags_on_device": on_device,
+        def resident(self, i: int) -> bool:
+            return store.resident(i)
+
+    first, seconds = _timed_epochs(model, Stored(), patients, device, 2, grad_accum, default_amp(device), graphs)
+    return {"patients": patients, "seconds": seconds, "slides_per_s": patients / seconds,
+            "first_epoch_s": first, "first_slides_per_s": patients / first, "bags_on_device": on_device,
             "store_bytes": store.nbytes}
 
 
@@ -554,7 +580,7 @@ def _never() -> Bag:
 
 def bench_epoch(name: str, patients: int, size: BagSize, in_dim: int, device: torch.device, workdir: Path,
                 disk_slides: int = 64, workers: int = 8, compile_mode: str = "off",
-                backend: str = "inductor") -> dict[str, Any]:
+                backend: str = "inductor", graphs: bool = True) -> dict[str, Any]:
     """End-to-end epochs of ``name`` on a synthetic cohort, the reference's path and milbench's, in one run.
 
     1. ``disk_slides`` one-slide patients at ``size`` are written to ``workdir`` (float32 .pt and CLAM .h5).
@@ -595,16 +621,16 @@ def bench_epoch(name: str, patients: int, size: BagSize, in_dim: int, device: to
             torch._dynamo.reset()
             fast = build_model(name, in_dim, device)
             _warm_up(fast, warm, device, default_amp(device))
-        record["compile"] = fast.compile_mode
+        record["compile"], record["cuda_graphs"] = fast.compile_mode, bool(graphs and can_graph(fast, device))
         drop_page_cache(root)
-        first, second = milbench_epochs(fast, name, root, slides, device)
+        first, second = milbench_epochs(fast, name, root, slides, device, graphs=graphs)
         record["milbench_disk"] = {"slides": disk_slides, "first_epoch_s": first,
                                    "first_slides_per_s": disk_slides / first,
                                    "second_epoch_s": second, "second_slides_per_s": disk_slides / second}
         del warm
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        record["milbench_cached"] = cached_cohort_epoch(fast, name, patients, size, in_dim, device)
+        record["milbench_cached"] = cached_cohort_epoch(fast, name, patients, size, in_dim, device, graphs=graphs)
         ref_rate = record["reference"]["slides_per_s"]
         record["speedup_steady"] = record["milbench_cached"]["slides_per_s"] / ref_rate
         # over the paper's 100 epochs: milbench reads each slide once (first-epoch rate), then trains from memory
@@ -651,11 +677,12 @@ def sdpa_preference(name: str):
 def run(models: list[str], bags: list[str], in_dim: int, device: torch.device, dtype: str | None = None,
         steps: int | None = None, warmup: int | None = None, compile_mode: str = "auto", pack: int = 0,
         budget_s: float | None = None, report: Callable[[dict[str, Any]], None] | None = None,
-        sdpa: str = "default", profile: bool = False) -> list[dict[str, Any]]:
+        sdpa: str = "default", profile: bool = False, graphs: bool = True) -> list[dict[str, Any]]:
     """Step times (or, with ``pack``, packed throughput) of every model at every bag size; defaults per device:
     bf16, compiled hot blocks, 10 steps after 3 warm-up on CUDA; float32, eager, 3 steps after 1 on the CPU.
     ``compile_mode``: auto (blocks on CUDA, off on the CPU), off or blocks; ``sdpa``: the attention kernel
-    preferred (see :func:`sdpa_preference`)."""
+    preferred (see :func:`sdpa_preference`); ``graphs``: replay each step from a CUDA graph as training does
+    (:func:`bench_step`; not the packed throughput, which compares eager steps)."""
     cuda = device.type == "cuda"
     dtype = dtype or ("bf16" if cuda else "fp32")
     if dtype not in DTYPES:
@@ -677,7 +704,7 @@ def run(models: list[str], bags: list[str], in_dim: int, device: torch.device, d
                     record = _guarded(lambda: bench_packed(name, size, in_dim, device, pack, dtype,
                                                            compile_mode=compile_mode) if pack else
                                       bench_step(name, size, in_dim, device, dtype, steps, warmup, compile_mode,
-                                                 profile=profile),
+                                                 profile=profile, graphs=graphs),
                                       {"model": name, "bag": size.name, "device": str(device)}, device)
                 record["sdpa"] = sdpa
             records.append(record)
@@ -687,7 +714,8 @@ def run(models: list[str], bags: list[str], in_dim: int, device: torch.device, d
 
 
 def run_epoch(name: str, patients: int, size: str, in_dim: int, device: torch.device, workdir: Path | None = None,
-              disk_slides: int = 64, workers: int = 8, compile_mode: str = "auto") -> dict[str, Any]:
+              disk_slides: int = 64, workers: int = 8, compile_mode: str = "auto", graphs: bool = True
+              ) -> dict[str, Any]:
     """:func:`bench_epoch`, guarded, in ``workdir`` (a fresh temporary folder by default)."""
     import tempfile
 
@@ -695,7 +723,8 @@ def run_epoch(name: str, patients: int, size: str, in_dim: int, device: torch.de
     bag = parse_bag(size)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="milbench-bench-") as tmp:
         return _guarded(lambda: bench_epoch(name, patients, bag, in_dim, device, Path(tmp), disk_slides, workers,
-                                            compile_mode), {"model": name, "bag": bag.name, "kind": "epoch"}, device)
+                                            compile_mode, graphs=graphs),
+                        {"model": name, "bag": bag.name, "kind": "epoch"}, device)
 
 
 def _compile_mode(mode: str, device: torch.device) -> str:
@@ -734,6 +763,13 @@ def one_line(record: dict[str, Any]) -> str:
     return head
 
 
+def _graph_cell(stats: dict[str, Any] | None) -> str:
+    """'replayed' when the timed steps replayed a graph, 'off' without graphs, else why not."""
+    if not stats:
+        return "off"
+    return f"off: {stats['off']}" if stats.get("off") else ("replayed" if stats["replayed"] else "not replayed")
+
+
 def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.3f}"
 
@@ -744,15 +780,16 @@ def markdown(records: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     steps = [r for r in records if "step_ms" in r]
     if steps:
-        lines += ["| model | bag (5x/10x/20x) | device | dtype | compile | step ms (median) | peak GiB "
-                  "| anchor fp16 ms | anchor fp16 GiB | speed-up |", "|" + "---|" * 10]
+        lines += ["| model | bag (5x/10x/20x) | device | dtype | compile | CUDA graph | step ms (median) | peak GiB "
+                  "| anchor fp16 ms | anchor fp16 GiB | speed-up |", "|" + "---|" * 11]
         for r in steps:
             anchor = ANCHOR_H100.get((r["model"], r["bag"])) if r["device"].startswith("cuda") else None
             speed = f"{anchor[0] / r['step_ms']:.1f}x" if anchor and r["in_dim"] == 2048 else "-"
             peak = _gib(r["peak_bytes"]) if r["peak_kind"] == "cuda_max_allocated" else \
                 f"{_gib(r['peak_bytes'])} ({r['peak_kind']})"
             lines.append(f"| {r['model']} | {r['bag']} ({r['n5']}/{r['n10']}/{r['n20']}) | {r['device_name']} | "
-                         f"{r['dtype']} | {r['compile']} | {r['step_ms']:.2f} | {peak} | "
+                         f"{r['dtype']} | {r['compile']} | {_graph_cell(r.get('cuda_graphs'))} | "
+                         f"{r['step_ms']:.2f} | {peak} | "
                          f"{anchor[0] if anchor else '-'} | {anchor[1] if anchor else '-'} | {speed} |")
         lines.append("")
     packed = [r for r in records if "speedup" in r]
@@ -794,8 +831,11 @@ def markdown(records: list[dict[str, Any]]) -> str:
                   f"| {disk['first_slides_per_s']:.1f} |",
                   f"| milbench, second epoch (cached) | {disk['slides']} | {disk['second_epoch_s']:.1f} | "
                   f"{disk['second_slides_per_s']:.1f} |",
-                  f"| milbench, one epoch of {cached['patients']} cached patients ({cached['bags_on_device']} on the "
-                  f"GPU) | {cached['patients']} | {cached['seconds']:.1f} | {cached['slides_per_s']:.1f} |", "",
+                  f"| milbench, first epoch of {cached['patients']} cached patients ({cached['bags_on_device']} on "
+                  f"the GPU{'; records the CUDA graphs' if r.get('cuda_graphs') else ''}) | {cached['patients']} | "
+                  f"{cached['first_epoch_s']:.1f} | {cached['first_slides_per_s']:.1f} |",
+                  f"| milbench, next epoch of the same patients{' (replays the graphs)' if r.get('cuda_graphs') else ''}"
+                  f" | {cached['patients']} | {cached['seconds']:.1f} | {cached['slides_per_s']:.1f} |", "",
                   f"Steady-state speed-up {r['speedup_steady']:.1f}x; over 100 epochs (one read, 99 cached) "
                   f"{r['speedup_100_epochs']:.1f}x.", ""]
     for r in records:

@@ -319,6 +319,9 @@ def bench(
     pack: int = typer.Option(0, help="Training throughput, one bag per step against PACK bags per forward pass."),
     sdpa: str = typer.Option("default", help="Attention kernel preferred: default | cudnn | flash | efficient | math."),
     profile: bool = typer.Option(False, "--profile", help="Also profile one step: host vs device time, top kernels."),
+    graphs: bool = typer.Option(True, "--graphs/--no-graphs",
+                                help="CUDA: replay each training step from a CUDA graph, as training does (models "
+                                     "that declare cuda_graphs)."),
     epoch: bool = typer.Option(False, "--epoch",
                                help="End-to-end epochs from disk: the reference's loading vs milbench."),
     patients: int = typer.Option(1000, help="--epoch: patients in milbench's cached epoch."),
@@ -357,10 +360,10 @@ def bench(
 
     if epoch:
         report(lib.run_epoch(model[0] if model else "crossfusion", patients, size, in_dim, dev, workdir, disk_slides,
-                             workers, compile_))
+                             workers, compile_, graphs))
     else:
         lib.run(model or ["crossfusion"], bag or ["avg"], in_dim, dev, dtype, steps, warmup, compile_, pack, budget,
-                report, sdpa, profile)
+                report, sdpa, profile, graphs)
     if json_:
         print(json.dumps(records, indent=1))
     else:

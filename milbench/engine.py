@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from milbench.data.cache import FeatureCache
 from milbench.data.dataset import BagDataset, _tensor_bytes
 from milbench.models.blocks import ModelOutput, compile_blocks
 from milbench.registry import create_model, get_card
+from milbench.step_graphs import StepGraphs, can_graph, graph_key
 from milbench.survival.binning import assign_bins, fit_bins
 from milbench.survival.losses import SurvivalLoss, get_loss, risk_and_survival
 from milbench.tasks.cohort import Cohort
@@ -145,6 +147,11 @@ class DeviceBagStore:
         if next(iter(bag.features.values())).device == self.device:
             self.nbytes += _bag_bytes(bag)
 
+    def resident(self, key: object) -> bool:
+        """Whether the bag under ``key`` is kept on the device (at one address: what a CUDA graph of its step needs)."""
+        bag = self._bags.get(key)
+        return bag is not None and next(iter(bag.features.values())).device == self.device
+
     def fetch(self, key: object, load: Callable[[], Bag], as_float: bool = True) -> Bag:
         """The bag under ``key`` on the device (``load()`` gives it from the host cache on a miss)."""
         bag = self._bags.get(key)
@@ -176,7 +183,13 @@ class DeviceBags:
         return len(self.data)
 
     def get(self, i: int, as_float: bool = True) -> Bag:
-        return self.store.fetch((self.data.case_ids[i], self.data.scales), lambda: self.data[i], as_float)
+        return self.store.fetch(self._key(i), lambda: self.data[i], as_float)
+
+    def resident(self, i: int) -> bool:
+        return self.store.resident(self._key(i))
+
+    def _key(self, i: int) -> tuple:
+        return self.data.case_ids[i], self.data.scales
 
 
 def head_kind(model: torch.nn.Module) -> str:
@@ -197,6 +210,14 @@ def bag_loss(model: torch.nn.Module, bag: Bag, y: torch.Tensor, c: torch.Tensor,
         out = model(bag)
     loss = sum(loss_fn(v, y, c, t) for v in _trained_outputs(out).values())
     return loss if out.aux_loss is None else loss + out.aux_loss.float()
+
+
+def bag_step(model: torch.nn.Module, bag: Bag, loss_fn: SurvivalLoss, amp: torch.dtype | None, grad_accum: int,
+              y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """One bag's loss, its backward (divided by ``grad_accum``), and the detached loss: a step as a graph records it."""
+    loss = bag_loss(model, _as_float(bag), y, c, loss_fn, amp)
+    (loss / grad_accum).backward()
+    return loss.detach()
 
 
 def packed_loss(model: torch.nn.Module, bags: list[Bag], y: torch.Tensor, c: torch.Tensor, loss_fn: SurvivalLoss,
@@ -264,13 +285,14 @@ def _largest_divisor(n: int, at_most: int) -> int:
 def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor, c: torch.Tensor,
                 loss_fn: SurvivalLoss, optim: torch.optim.Optimizer, grad_accum: int, pack: int = 1,
                 amp: torch.dtype | None = None, progress: ProgressFn | None = None,
-                months: torch.Tensor | None = None) -> torch.Tensor:
+                months: torch.Tensor | None = None, graphs: StepGraphs | None = None) -> torch.Tensor:
     """One training epoch over ``order`` (indices into ``bags``, which has ``get(i, as_float)``); returns the summed
     loss on the device.
 
     ``y``/``c`` [n] are the labels of every index, on the device, and ``months`` [n] the survival times (the cox and
     mdn losses read them). Each bag's loss is divided by ``grad_accum`` and the optimizer steps every
-    ``grad_accum`` bags and at the end of the epoch; with ``pack`` > 1 the bags of a window go through
+    ``grad_accum`` bags and at the end of the epoch; ``graphs`` replays each bag's step from a CUDA graph
+    (:mod:`milbench.step_graphs`; one bag per step, per-bag losses); with ``pack`` > 1 the bags of a window go through
     ``forward_packed`` ``pack`` at a time, which gives the same gradient. A loss over several patients (cox) is
     applied to each window of ``grad_accum`` bags (:func:`window_loss`); a window whose patients are all censored
     has no ranking information and is skipped (no forward pass, no update), as the reference skips all-censored
@@ -283,7 +305,8 @@ def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor,
     windowed = loss_fn.needs_batch
     has_event = (c_ord == 0).cpu() if windowed else None
     total = torch.zeros((), device=dev)
-    optim.zero_grad(set_to_none=True)
+    fresh_grads = graphs is None  # graphed steps accumulate into gradients that must stay where they are
+    optim.zero_grad(set_to_none=fresh_grads)
     done = 0
     size = grad_accum if windowed else pack
     for start in range(0, len(order), size):
@@ -293,6 +316,11 @@ def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor,
         if windowed:  # None: all censored, skipped
             loss = window_loss(model, (bags.get(i) for i in chunk), y_ord[part], c_ord[part], t_part, loss_fn,
                                amp) if has_event[part].any() else None
+        elif graphs is not None and pack == 1:  # one bag, its step replayed from a CUDA graph when the bag is kept on the device
+            bag = bags.get(chunk[0], as_float=False)
+            key = graph_key(bag) if getattr(bags, "resident", _not_resident)(chunk[0]) else None
+            graphs.run(key, y_ord[part], c_ord[part], partial(bag_step, model, bag, loss_fn, amp, grad_accum))
+            loss = None
         elif pack == 1:
             loss = bag_loss(model, bags.get(chunk[0]), y_ord[part], c_ord[part], loss_fn, amp, t_part)
         else:
@@ -304,10 +332,14 @@ def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor,
         done += len(chunk)
         if done % grad_accum == 0 or done == len(order):  # no gradient leaks into the next epoch; after a skipped
             optim.step()  # window no parameter has a gradient and the step changes nothing
-            optim.zero_grad(set_to_none=True)
+            optim.zero_grad(set_to_none=fresh_grads)
         if progress:
             progress("bag", done, len(order))
-    return total
+    return total if graphs is None else total + graphs.take_loss()
+
+
+def _not_resident(i: int) -> bool:
+    return False
 
 
 @torch.no_grad()
@@ -347,11 +379,13 @@ def _c_or_nan(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
              cache: FeatureCache | None = None, progress: ProgressFn | None = None,
-             keep_weights: bool = False, compile: bool = False) -> FoldResult:
+             keep_weights: bool = False, compile: bool = False, graphs: bool = True) -> FoldResult:
     """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients.
 
     ``compile=True`` compiles the model's ``hot_blocks`` on CUDA (the same function, faster; see
-    docs/performance.md); it is an execution option like the device, not part of the config. The risk is read from
+    docs/performance.md); it is an execution option like the device, not part of the config, as is ``graphs``:
+    on CUDA, one bag per step, a per-bag loss and a model that declares ``cuda_graphs``, each bag's training step
+    is recorded as a CUDA graph and replayed in later epochs (:mod:`milbench.step_graphs`). The risk is read from
     the model's head (:func:`milbench.survival.losses.risk_and_survival`); predictions get ``surv_k`` columns only
     when the head has a survival curve (not cox, whose IBS is then NaN).
     """
@@ -389,6 +423,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     if compile and dev.type == "cuda":
         compile_blocks(model)
     store = DeviceBagStore(dev, dtype=default_amp(dev) if cfg.pack > 1 else None)
+    step_graphs = (StepGraphs(model, dev) if graphs and can_graph(model, dev) and cfg.pack == 1
+                   and not loss_fn.needs_batch and not loss_fn.needs_time else None)
     if hasattr(model, "fit_priors"):
         model.fit_priors([_to_device(fit_data[i], dev) for i in range(len(fit_data))])
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -407,7 +443,7 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         model.train()
         order = _sample_order(fitting, cfg.sampler, gen)
         total = train_epoch(model, fit_bags, order, y_all, c_all, loss_fn, optim, cfg.grad_accum, cfg.pack,
-                            default_amp(dev), progress, t_all)
+                            default_amp(dev), progress, t_all, step_graphs)
         entry = {"epoch": epoch, "train_loss": float(total) / max(1, len(order))}
         if select_data is not None and epoch >= cfg.warmup_epochs:
             risk, _ = risk_and_survival(head, predict(model, select_data, dev, store), edges)
@@ -451,6 +487,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         "excluded_slides": list(getattr(cohort, "excluded", []) or []),
         "head": head,
         "policies": model.policies() if hasattr(model, "policies") else {},  # {}: every patch, no special policy
+        "execution": {"compile": bool(compile and dev.type == "cuda"),
+                      "cuda_graphs": step_graphs.stats() if step_graphs else None},
         "environment": environment(dev),
     }
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()} if keep_weights else None

@@ -2,6 +2,8 @@
 # Every GPU measurement of docs/performance.md in one invocation (about 8 minutes on one H100).
 #
 #   OUT=/path/to/results scripts/bench_gpu.sh            # run from the repository root
+#   OUT=/path/to/results scripts/bench_gpu.sh steps      # its first half: the anchor table and packed bags
+#   OUT=/path/to/results scripts/bench_gpu.sh epoch      # its second half: end-to-end epochs, eager baselines
 #   OUT=/path/to/results scripts/bench_gpu.sh diagnose   # 3-4 minutes: where a step's time goes (profiles)
 #
 # Writes under $OUT: one JSON Lines file (records) and one markdown file (tables) per measurement, their logs,
@@ -163,10 +165,14 @@ for side in (59, 117) if cuda else (7,):
             print(f"| {side} x {side} | {block} | {variant} | failed: {type(err).__name__}: {str(err)[:120]} |")
 PYEOF
 fi
-if [ "${1:-all}" = all ]; then
+PART=${1:-all}
+if [ "$PART" = steps ]; then SECTIONS=(anchor_fast packed packed8); fi
+if [ "$PART" = epoch ]; then SECTIONS=(epoch sdpa_flash anchor_eager anchor_eager_fp16); fi
+if [ "$PART" = all ] || [ "$PART" = steps ]; then
 
-# 1. The anchor table: the fast path (bf16 autocast, compiled hot blocks), 5 timed steps after 2, as the anchor.
-bench anchor_fast 230 "${ANCHOR_MODELS[@]}" "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
+# 1. The anchor table: the fast path (bf16 autocast, compiled hot blocks, each step replayed from a CUDA graph as
+#    training replays it), 5 timed steps after 2 (the first warm-up step eager, the second records the graph).
+bench anchor_fast 300 "${ANCHOR_MODELS[@]}" "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
     --compile "$COMPILE" "${STEPS[@]}"
 
 # 2. Packed bags: training throughput, one bag per step against 32 (and 8) bags per forward pass.
@@ -174,10 +180,12 @@ bench packed 60 --model amil --model dsmil "${PACKED_BAGS[@]}" --in-dim "$DIM" -
     --pack "${PACKS[0]}"
 bench packed8 30 --model amil --model dsmil "${PACKED_BAGS[@]:0:2}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
     --pack "${PACKS[1]}"
+fi
+if [ "$PART" = all ] || [ "$PART" = epoch ]; then
 
 # 3. End to end: 64 slides on disk read the reference's way, milbench's first and second epoch on them, and one
 #    epoch of 1,000 cached patients, CrossFusion at the average bag, width 2048.
-bench epoch 150 --epoch --model crossfusion "${EPOCH[@]}" --in-dim "$DIM" --device "$DEV" --compile "$COMPILE" \
+bench epoch 240 --epoch --model crossfusion "${EPOCH[@]}" --in-dim "$DIM" --device "$DEV" --compile "$COMPILE" \
     --workdir "$WORKDIR"
 
 # 4. The attention kernel: on this H100 PyTorch prefers cuDNN's fused attention once the first attention has run
@@ -186,11 +194,11 @@ bench epoch 150 --epoch --model crossfusion "${EPOCH[@]}" --in-dim "$DIM" --devi
 bench sdpa_flash 60 --model crossfusion --model crossfusion_concat --model crossfusion_single "${BAGS[@]:2}" \
     --in-dim "$DIM" --device "$DEV" --dtype bf16 --compile off --sdpa flash "${STEPS[@]}"
 
-# 5. Eager baselines: the same models without compilation, bf16 and the reference's fp16 autocast.
+# 5. Eager baselines: the same models without compilation or CUDA graphs, bf16 and the reference's fp16 autocast.
 bench anchor_eager 60 "${ANCHOR_MODELS[@]}" "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" --dtype bf16 \
-    --compile off "${STEPS[@]}"
+    --compile off --no-graphs "${STEPS[@]}"
 bench anchor_eager_fp16 30 --model crossfusion --model transmil "${BAGS[@]}" --in-dim "$DIM" --device "$DEV" \
-    --dtype fp16 --compile off "${STEPS[@]}"
+    --dtype fp16 --compile off --no-graphs "${STEPS[@]}"
 
 # 6. Where a compiled CrossFusion step spends its GPU time (for the next round of work).
 if [ "$(left)" -gt 40 ]; then

@@ -24,6 +24,7 @@ from milbench.registry import register_model
     description="gated attention pooling over 20x patches (CrossFusion-repo variant; variant=patchgcn for Patch-GCN's)",
 )
 class AMIL(nn.Module):
+    cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
     def __init__(self, in_dim: int, n_bins: int = 4, hidden: int = 512, attn_dim: int = 256,
                  variant: str = "crossfusion", dropout: float | None = None) -> None:
         super().__init__()

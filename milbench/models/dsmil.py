@@ -50,6 +50,7 @@ from milbench.registry import register_model
                 "plus the max-instance loss; instance_loss=False for the reference's untrained instance stream)",
 )
 class DSMIL(nn.Module):
+    cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
     def __init__(self, in_dim: int, n_bins: int = 4, query_dim: int = 128, instance_loss: bool = True) -> None:
         super().__init__()
         self.instance_loss = instance_loss
