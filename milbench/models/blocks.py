@@ -169,6 +169,46 @@ def key_attention(q: torch.Tensor, k: torch.Tensor, max_scores: int = 2**26) -> 
     return total / (h * nq)
 
 
+def _fft_size(n: int) -> int:
+    """The smallest length >= n with no prime factor above 7 (the sizes cuFFT transforms fastest)."""
+    while True:
+        m = n
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+@torch.compiler.disable  # the transform sizes depend on the grid: computed eagerly, never a recompilation
+def fft_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)`` for odd kernels [C, 1, kh, kw], computed
+    as a product of Fourier transforms in float32 (the same function up to float32 rounding): a convolution is a
+    product in frequency space, zero-padded past the kernel's reach so no value wraps around. Only the dimensions
+    the kernel spans are transformed (a (33, 1) kernel is a 1-D transform along the sequence)."""
+    c, kh, kw = weight.shape[0], weight.shape[-2], weight.shape[-1]
+    spans = [(d, k, x.shape[d]) for d, k in ((-2, kh), (-1, kw)) if k > 1]
+    dims = [d for d, _, _ in spans]
+    sizes = [_fft_size(n + k - 1) for _, k, n in spans]
+    with torch.autocast(x.device.type, enabled=False):
+        kernel = torch.fft.rfftn(weight.float().reshape(1, c, kh, kw).flip(dims), s=sizes, dim=dims)
+        y = torch.fft.irfftn(torch.fft.rfftn(x.float(), s=sizes, dim=dims) * kernel, s=sizes, dim=dims)
+        for d, k, n in spans:  # the 'same' window of the full convolution
+            y = y.narrow(d, k // 2, n)
+        return y if bias is None else y + bias.float().view(1, -1, 1, 1)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """'Same'-padded depthwise convolution with odd kernels [C, 1, kh, kw]. On CUDA through Fourier transforms
+    (:func:`fft_depthwise_conv2d`): PyTorch's depthwise kernels took 0.7-1.5 ms forward and backward per 7 x 7
+    convolution on the token grids of an average bag (H100, docs/performance.md), mostly for the weight gradient;
+    on the CPU the convolution itself."""
+    if x.is_cuda:
+        return fft_depthwise_conv2d(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2), groups=weight.shape[0])
+
+
 def summed_kernel(convs: Sequence[nn.Conv2d]) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel and bias of the sum of same-centred convolutions (odd square kernels, same groups and 'same' padding):
     each kernel zero-padded to the largest, then added. One convolution with them computes the sum of all."""
@@ -196,7 +236,7 @@ class PPEG(nn.Module):
         b, n, d = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, d, side, side)
         weight, bias = summed_kernel((self.proj7, self.proj5, self.proj3))
-        grid = grid + F.conv2d(grid, weight, bias, padding=3, groups=d)
+        grid = grid + depthwise_conv2d(grid, weight, bias)
         return grid.flatten(2).transpose(1, 2)
 
 
@@ -331,7 +371,7 @@ class NystromAttention(nn.Module):
             kernel = torch.softmax(q_land.float() @ k_land.float().transpose(-1, -2) / math.sqrt(dh), dim=-1)
             kernel_inv = iterative_pinv(kernel, self.pinv_iters)
             mixed = (kernel_inv @ landmark_values.float()).to(landmark_values.dtype)
-        y = F.scaled_dot_product_attention(q, k_land, mixed) + self.residual_conv(v)
+        y = F.scaled_dot_product_attention(q, k_land, mixed) + depthwise_conv2d(v, self.residual_conv.weight)
         y = self.out(y.transpose(1, 2).reshape(b, n + pad, h * dh))
         first = pad if self.slicing == "last" else 0
         weights = None
