@@ -13,9 +13,11 @@ What keeps replays correct:
   graphed (Adam would then see zeros instead of no gradient);
 - labels reach every step through static buffers, and each step adds its loss into one static sum, so no graph
   has an output that another graph's memory could overwrite;
-- the first step runs eagerly on the capture stream (CUDA graph capture needs a warmed-up stream); a failed
-  capture runs that step eagerly and retries the bag once; a second failure turns graphs off with the reason
-  (``stats()["off"]``), and training goes on eagerly. Bags not kept on the device (key None) always run eagerly.
+- the first step runs eagerly on the capture stream (CUDA graph capture needs a warmed-up stream); every other
+  bag is recorded the first time it comes (in "relaxed" capture mode, so that a library may set up a plan for a
+  new size, e.g. cuFFT, outside the graph) and replayed from then on;
+- a capture that fails turns graphs off for the rest of the fold, with the reason (``stats()["off"]``), and the
+  step runs eagerly, as every later one does. Bags not kept on the device (key None) always run eagerly.
 Only models that declare ``cuda_graphs = True`` are graphed: a forward that draws host-side random numbers or
 reads host data would be frozen into the graph, so each model vouches for itself.
 """
@@ -57,7 +59,6 @@ class StepGraphs:
         self.c = torch.zeros(1, dtype=torch.float32, device=device)
         self.loss_sum = torch.zeros((), device=device)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self.failed: set[tuple] = set()
         self.warm = False
         self.off: str | None = None
         self.counts = {"replayed": 0, "captured": 0, "eager": 0}
@@ -77,28 +78,51 @@ class StepGraphs:
             if not self.warm:
                 self._check_gradients()
             return
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                self.loss_sum.add_(step(self.y, self.c))
-        except Exception as err:  # e.g. an op that synchronises with the host: eager now, once more later
-            if key in self.failed:
-                self.off = f"capture failed twice for one bag: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-            self.failed.add(key)
+        graph = self._capture(step)
+        if graph is None:
             self._eager(step)
             return
         self.graphs[key] = graph
         self.counts["captured"] += 1
         graph.replay()
 
+    def _capture(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.cuda.CUDAGraph | None:
+        """Record ``step`` (nothing runs); None, with graphs off and the reason kept, if recording fails. The capture
+        is begun and ended directly: ``torch.cuda.graph`` would synchronise and empty the allocator's cache for
+        every bag."""
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(self.pool, capture_error_mode="relaxed")
+                try:
+                    self.loss_sum.add_(step(self.y, self.c))
+                finally:
+                    graph.capture_end()
+        except Exception as err:  # e.g. an op that synchronises with the host: eager from now on
+            self.off = f"capture failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            try:  # a failed capture_end leaves the capture stream allocating into the graphs' pool
+                torch._C._cuda_endAllocateToPool(self.device.index or 0, self.pool)
+            except Exception:
+                pass
+            return None
+        finally:
+            current.wait_stream(self.stream)
+        return graph
+
     def _eager(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """The step without a graph, on the capture stream (which this warms up), ordered with the current stream."""
+        """The step without a graph: on the capture stream while graphs are on (it warms the stream up), ordered with
+        the current stream; on the current stream once they are off."""
+        self.counts["eager"] += 1
+        if self.off:
+            self.loss_sum.add_(step(self.y, self.c))
+            return
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             self.loss_sum.add_(step(self.y, self.c))
         current.wait_stream(self.stream)
-        self.counts["eager"] += 1
 
     def _check_gradients(self) -> None:
         """After the first step: every trainable parameter must hold a gradient, or graphs stay off."""

@@ -63,17 +63,18 @@ def test_a_replayed_step_gives_the_eager_gradients(name, amp):
     for rnd in range(3):  # eager (warm-up), captured and replayed, replayed
         for bag, (y, c) in zip(bags, labels):
             model.zero_grad(set_to_none=True)
-            eager_loss = bag_loss(model, _as_float(bag), y, c, loss_fn, amp)
-            eager_loss.backward()
-            expected = _grads(model)
+            loss = bag_loss(model, _as_float(bag), y, c, loss_fn, amp)
+            loss.backward()
+            eager_loss, expected = loss.detach(), _grads(model)
+            del loss  # a live autograd graph would tie its gradient accumulators to this stream
             model.zero_grad(set_to_none=False)
             graphs.take_loss()
             graphs.run(graph_key(bag), y, c, partial(bag_step, model, bag, loss_fn, amp, 1))
-            torch.testing.assert_close(graphs.take_loss(), eager_loss.detach(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(graphs.take_loss(), eager_loss, rtol=1e-4, atol=1e-5)
             for g, e in zip(_grads(model), expected):
                 torch.testing.assert_close(g, e, rtol=1e-3 if amp else 1e-4, atol=1e-4 if amp else 1e-6)
     stats = graphs.stats()
-    assert stats["off"] is None and stats["graphs"] == 2 and stats["replayed"] == 4, stats
+    assert stats["off"] is None and stats["graphs"] == 2 and stats["replayed"] == 3, stats  # bag 0 warmed up
 
 
 class _Bags:
@@ -88,10 +89,12 @@ class _Bags:
 
 
 def _train(name, graphs, epochs=3):
+    """Bags of five sizes: each graph records a new shape (new cuFFT plans for TransMIL's residual convolution)."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = create_model(name, in_dim=32).to(dev).eval()
-    bags = _Bags([random_bag(name, parse_bag(SIZE), 32, dev, seed=s) for s in range(5)])
+    sizes = [f"{10 + s},{40 + 7 * s},{160 + 31 * s}" for s in range(5)]
+    bags = _Bags([random_bag(name, parse_bag(size), 32, dev, seed=s) for s, size in enumerate(sizes)])
     y = torch.tensor([0, 1, 2, 3, 1], device=dev)
     c = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0], device=dev)
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -102,14 +105,15 @@ def _train(name, graphs, epochs=3):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["amil", "crossfusion"])
+@pytest.mark.parametrize("name", ["amil", "transmil", "crossfusion"])
 def test_graphed_epochs_end_at_the_eager_weights(name):
     eager, eager_losses, _ = _train(name, graphs=False)
     graphed, graphed_losses, step_graphs = _train(name, graphs=True)
     torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-4, atol=1e-5)
     for p, q in zip(graphed.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
-    assert step_graphs.stats()["graphs"] == 5 and step_graphs.stats()["replayed"] >= 5
+    stats = step_graphs.stats()
+    assert stats["off"] is None and stats["graphs"] == 5 and stats["replayed"] == 9, stats  # the first bag warmed up
 
 
 class _Syncing(torch.nn.Module):
@@ -147,4 +151,4 @@ def test_models_that_cannot_be_graphed_train_eagerly_and_say_why(unused):
     torch.testing.assert_close(total, expected.detach())
     stats = graphs.stats()
     assert stats["graphs"] == 0 and stats["replayed"] == 0 and stats["eager"] == 9
-    assert ("no gradient" if unused else "capture failed twice") in stats["off"]
+    assert ("no gradient" if unused else "capture failed") in stats["off"]

@@ -199,12 +199,15 @@ def fft_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return y if bias is None else y + bias.float().view(1, -1, 1, 1)
 
 
+FFT_MIN_TAPS = 15  # kernels this long or longer (in one dimension) run through Fourier transforms on CUDA
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """'Same'-padded depthwise convolution with odd kernels [C, 1, kh, kw]. On CUDA through Fourier transforms
-    (:func:`fft_depthwise_conv2d`): PyTorch's depthwise kernels took 0.7-1.5 ms forward and backward per 7 x 7
-    convolution on the token grids of an average bag (H100, docs/performance.md), mostly for the weight gradient;
-    on the CPU the convolution itself."""
-    if x.is_cuda:
+    """'Same'-padded depthwise convolution with odd kernels [C, 1, kh, kw]. On CUDA a long kernel goes through
+    Fourier transforms (:func:`fft_depthwise_conv2d`): TransMIL's 33 x 1 residual convolution at the average bag took
+    4.9 ms forward and backward in PyTorch's depthwise kernel, 1.3 ms so (H100, docs/performance.md); a 7 x 7
+    kernel stays a convolution (there the transforms were slower, 1.2 against 0.8 ms)."""
+    if x.is_cuda and max(weight.shape[-2:]) >= FFT_MIN_TAPS:
         return fft_depthwise_conv2d(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2), groups=weight.shape[0])
 

@@ -35,7 +35,6 @@ from milbench.models.blocks import (
     fold_square_pad,
     init_linear_trunc_normal,
     key_attention,
-    depthwise_conv2d,
     square_pad,
     summed_kernel,
 )
@@ -160,7 +159,7 @@ class MultiScaleConv(nn.Module):
         if out != self.conv7.groups:  # several outputs per group: the merged grouped convolution itself
             return F.conv2d(grid, weight, bias, padding=3, groups=self.conv7.groups)
         b, _, h, w = grid.shape
-        y = depthwise_conv2d(grid, weight.reshape(out * per, 1, 7, 7))
+        y = F.conv2d(grid, weight.reshape(out * per, 1, 7, 7), padding=3, groups=out * per)
         return y.view(b, out, per, h, w).sum(2) + bias.view(1, -1, 1, 1)
 
 
