@@ -35,6 +35,7 @@ from milbench.models.blocks import (
     fold_square_pad,
     init_linear_trunc_normal,
     key_attention,
+    depthwise_conv2d,
     square_pad,
     summed_kernel,
 )
@@ -142,8 +143,9 @@ class MultiScaleConv(nn.Module):
     Computed as one convolution: the four share their groups and centre, so their sum is the convolution with
     the summed (zero-padded) kernel and biases. With one output channel per group (CrossFusion: d -> d/2 in d/2
     groups) that grouped convolution runs as a depthwise one over the input channels followed by a sum over each
-    group's inputs: the same function, through the fast depthwise kernel instead of four grouped ones (the grouped
-    kernels took 115 ms forward and backward on a 117 x 117 grid on an H100; docs/performance.md).
+    group's inputs: the same function, through a fast depthwise kernel (:func:`blocks.depthwise_conv2d`) instead of
+    four grouped ones (the grouped kernels took 115 ms forward and backward on a 117 x 117 grid on an H100;
+    docs/performance.md).
     """
 
     def __init__(self, in_dim: int, out_dim: int, groups: int) -> None:
@@ -159,7 +161,7 @@ class MultiScaleConv(nn.Module):
         if out != self.conv7.groups:  # several outputs per group: the merged grouped convolution itself
             return F.conv2d(grid, weight, bias, padding=3, groups=self.conv7.groups)
         b, _, h, w = grid.shape
-        y = F.conv2d(grid, weight.reshape(out * per, 1, 7, 7), padding=3, groups=out * per)
+        y = depthwise_conv2d(grid, weight.reshape(out * per, 1, 7, 7))
         return y.view(b, out, per, h, w).sum(2) + bias.view(1, -1, 1, 1)
 
 
