@@ -9,8 +9,9 @@ numbers at every replay); only the host work is gone.
 
 What keeps replays correct:
 - gradients exist before any capture and are zeroed in place, never set to None (``set_to_none=False``), so every
-  graph's backward accumulates into the same tensors; a model with a parameter that gets no gradient is not
-  graphed (Adam would then see zeros instead of no gradient);
+  graph's backward accumulates into the same tensors; should they move all the same, the graphs are dropped and
+  recorded again; a model with a parameter that gets no gradient is not graphed (Adam would then see zeros
+  instead of no gradient);
 - labels reach every step through static buffers, and each step adds its loss into one static sum, so no graph
   has an output that another graph's memory could overwrite;
 - the first step runs eagerly on the capture stream (CUDA graph capture needs a warmed-up stream); every other
@@ -59,6 +60,8 @@ class StepGraphs:
         self.c = torch.zeros(1, dtype=torch.float32, device=device)
         self.loss_sum = torch.zeros((), device=device)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_pointers: tuple[int, ...] = ()
         self.warm = False
         self.off: str | None = None
         self.counts = {"replayed": 0, "captured": 0, "eager": 0}
@@ -68,12 +71,16 @@ class StepGraphs:
         """One training step of the bag under ``key`` (None: not kept on the device, run eagerly)."""
         self.y.copy_(y.reshape(1), non_blocking=True)
         self.c.copy_(c.reshape(1), non_blocking=True)
+        pointers = tuple(0 if p.grad is None else p.grad.data_ptr() for p in self.params)
+        if pointers != self.grad_pointers:  # gradients reallocated: recorded graphs would write to freed memory
+            self.graphs.clear()
+            self.grad_pointers = pointers
         graph = self.graphs.get(key) if key is not None else None
         if graph is not None:
             graph.replay()
             self.counts["replayed"] += 1
             return
-        if key is None or self.off or not self.warm or len(self.graphs) >= self.max_graphs:
+        if key is None or self.off or not self.warm or len(self.graphs) >= self.max_graphs or 0 in pointers:
             self._eager(step)
             if not self.warm:
                 self._check_gradients()

@@ -14,8 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from milbench.models import grid_conv
-
 
 class ModelOutput(NamedTuple):
     """What every model's ``forward(bag)`` returns.
@@ -205,15 +203,12 @@ FFT_MIN_TAPS = 15  # kernels this long or longer (in one dimension) run through 
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """'Same'-padded depthwise convolution with odd kernels [C, 1, kh, kw], by the fastest exact means measured on
-    an H100 (docs/performance.md): on CUDA a long kernel goes through Fourier transforms
-    (:func:`fft_depthwise_conv2d`; TransMIL's 33 x 1 residual convolution, 4.9 -> 1.3 ms forward and backward at
-    the average bag) and a short one through the Triton grid kernels (:mod:`milbench.models.grid_conv`; the
-    7 x 7 convolutions of the PPEGs and the Conv Processor); on the CPU, or without Triton, F.conv2d."""
+    """'Same'-padded depthwise convolution with odd kernels [C, 1, kh, kw]. On CUDA a long kernel goes through
+    Fourier transforms (:func:`fft_depthwise_conv2d`): TransMIL's 33 x 1 residual convolution at the average bag took
+    4.9 ms forward and backward in PyTorch's depthwise kernel, 1.3 ms so (H100, docs/performance.md); a 7 x 7
+    kernel stays a convolution (there the transforms were slower, 1.2 against 0.8 ms, as was a Triton kernel)."""
     if x.is_cuda and max(weight.shape[-2:]) >= FFT_MIN_TAPS:
         return fft_depthwise_conv2d(x, weight, bias)
-    if x.is_cuda and grid_conv.available():
-        return grid_conv.grid_depthwise_conv2d(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=(weight.shape[-2] // 2, weight.shape[-1] // 2), groups=weight.shape[0])
 
 
