@@ -31,7 +31,7 @@ import torch
 from milbench import MilbenchError
 from milbench.data.bag import Bag
 from milbench.engine import (DeviceBagStore, _as_float, bag_loss, bag_step, check_pack, default_amp, device_name,
-                             train_epoch)
+                             model_input, train_epoch)
 from milbench.models.blocks import compile_blocks
 from milbench.registry import count_parameters, create_model, get_card
 from milbench.step_graphs import StepGraphs, can_graph, graph_key
@@ -307,7 +307,7 @@ def bench_step(name: str, size: BagSize, in_dim: int, device: torch.device, dtyp
         def step() -> None:
             if graphed is None:
                 model.zero_grad(set_to_none=True)
-                bag_loss(model, _as_float(bag), y, c, loss_fn, DTYPES[dtype]).backward()
+                bag_loss(model, model_input(model, bag, DTYPES[dtype]), y, c, loss_fn, DTYPES[dtype]).backward()
             else:
                 model.zero_grad(set_to_none=False)
                 graphed.run(graph_key(bag), y, c, partial(bag_step, model, bag, loss_fn, DTYPES[dtype], 1))
@@ -647,7 +647,7 @@ def _warm_up(model: torch.nn.Module, bag: Bag, device: torch.device, amp: torch.
     y, c = torch.tensor([1], device=device), torch.tensor([0.0], device=device)
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
-        bag_loss(model, _as_float(bag), y, c, loss_fn, amp).backward()
+        bag_loss(model, model_input(model, bag, amp), y, c, loss_fn, amp).backward()
     model.zero_grad(set_to_none=True)
     _sync(device)
 

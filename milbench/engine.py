@@ -112,6 +112,15 @@ def _as_float(bag: Bag) -> Bag:
     return replace(bag, features={k: v.float() for k, v in bag.features.items()}, extras=dict(bag.extras))
 
 
+def model_input(model: torch.nn.Module, bag: Bag, amp: torch.dtype | None) -> Bag:
+    """The bag as the model is fed: float32, or under autocast the stored half precision for a model whose features
+    only enter autocast ops (``autocast_inputs = True``): the same values reach the op (float16 converts to bf16
+    exactly as through float32), without a float32 copy of the bag (twice its size) in the step's memory."""
+    if amp is not None and getattr(model, "autocast_inputs", False):
+        return replace(bag, features=dict(bag.features), extras=dict(bag.extras))
+    return _as_float(bag)
+
+
 class DeviceBagStore:
     """Bags on the training device in the feature cache's half precision, copied there once and kept while they fit.
 
@@ -215,7 +224,7 @@ def bag_loss(model: torch.nn.Module, bag: Bag, y: torch.Tensor, c: torch.Tensor,
 def bag_step(model: torch.nn.Module, bag: Bag, loss_fn: SurvivalLoss, amp: torch.dtype | None, grad_accum: int,
               y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """One bag's loss, its backward (divided by ``grad_accum``), and the detached loss: a step as a graph records it."""
-    loss = bag_loss(model, _as_float(bag), y, c, loss_fn, amp)
+    loss = bag_loss(model, model_input(model, bag, amp), y, c, loss_fn, amp)
     (loss / grad_accum).backward()
     return loss.detach()
 
@@ -322,7 +331,8 @@ def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor,
             graphs.run(key, y_ord[part], c_ord[part], partial(bag_step, model, bag, loss_fn, amp, grad_accum))
             loss = None
         elif pack == 1:
-            loss = bag_loss(model, bags.get(chunk[0]), y_ord[part], c_ord[part], loss_fn, amp, t_part)
+            bag = model_input(model, bags.get(chunk[0], as_float=False), amp)
+            loss = bag_loss(model, bag, y_ord[part], c_ord[part], loss_fn, amp, t_part)
         else:
             loss = packed_loss(model, [bags.get(i, as_float=False) for i in chunk], y_ord[part], c_ord[part], loss_fn,
                                amp)

@@ -173,3 +173,30 @@ def test_hazard_head_trains_with_the_cox_loss_over_windows(synth_cohort):
     assert res.record["head"] == "hazard" and res.record["policies"] == {}
     assert "surv_3" in res.predictions and np.isfinite(res.predictions.risk).all()
     assert held_out_c_index("amil", loss="cox", grad_accum=8) > 0.7  # and it learns the ranking
+
+
+@pytest.mark.parametrize("name", ["amil", "transmil", "crossfusion", "crossfusion_single"])
+def test_half_precision_features_give_the_float32_logits_under_autocast(name):
+    """Models declaring autocast_inputs are fed the stored float16 features under autocast: the same logits, bit for
+    bit, as from the float32 copy (float16 converts to bf16 exactly as through float32)."""
+    from milbench.bench import parse_bag, random_bag
+    from milbench.engine import _as_float, model_input
+
+    torch.manual_seed(0)
+    model = create_model(name, in_dim=16).eval()
+    bag = random_bag(name, parse_bag("6,20,80"), 16, torch.device("cpu"))
+    assert all(v.dtype == torch.float16 for v in bag.features.values())
+    fed = model_input(model, bag, torch.bfloat16)
+    assert all(v.dtype == torch.float16 for v in fed.features.values())
+    assert all(v.dtype == torch.float32 for v in model_input(model, bag, None).features.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(fed).logits, model(_as_float(bag)).logits)
+
+
+def test_models_that_do_not_declare_it_get_float32_features():
+    from milbench.bench import parse_bag, random_bag
+    from milbench.engine import model_input
+
+    bag = random_bag("dsmil", parse_bag("6,20,80"), 16, torch.device("cpu"))
+    fed = model_input(create_model("dsmil", in_dim=16), bag, torch.bfloat16)
+    assert all(v.dtype == torch.float32 for v in fed.features.values())

@@ -25,6 +25,7 @@ from milbench.registry import register_model
 )
 class AMIL(nn.Module):
     cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
+    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
     def __init__(self, in_dim: int, n_bins: int = 4, hidden: int = 512, attn_dim: int = 256,
                  variant: str = "crossfusion", dropout: float | None = None) -> None:
         super().__init__()

@@ -229,6 +229,7 @@ class CrossFusion(nn.Module):
     # compiled by blocks.compile_blocks on the fast path (docs/performance.md)
     hot_blocks = (CrossAttentionBlock, TransformerLayer, PPEG, ConvProcessor, ConcatFusion)
     cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
+    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
 
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, n_heads: int = 4, n_layers: int = 1,
                  mlp_ratio: float = 2.0, dropout: float = 0.3, attn_dropout: float = 0.2,
@@ -306,6 +307,7 @@ class CrossFusionConcat(CrossFusion):
 class CrossFusionSingle(nn.Module):
     hot_blocks = (TransformerLayer, PPEG, ConvProcessor)  # compiled by blocks.compile_blocks on the fast path
     cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
+    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
 
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, n_heads: int = 4, n_layers: int = 1,
                  mlp_ratio: float = 2.0, dropout: float = 0.3, attn_dropout: float = 0.2,

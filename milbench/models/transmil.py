@@ -55,6 +55,7 @@ class TransLayer(nn.Module):
 class TransMIL(nn.Module):
     hot_blocks = (TransLayer, PPEG)  # compiled by blocks.compile_blocks on the fast path (docs/performance.md)
     cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
+    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
 
     def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, n_heads: int = 8, n_landmarks: int | None = None,
                  dropout: float = 0.1, nystrom_slicing: str = "last") -> None:
