@@ -109,14 +109,28 @@ class StepGraphs:
                     graph.capture_end()
         except Exception as err:  # e.g. an op that synchronises with the host: eager from now on
             self.off = f"capture failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-            try:  # a failed capture_end leaves the capture stream allocating into the graphs' pool
-                torch._C._cuda_endAllocateToPool(self.device.index or 0, self.pool)
-            except Exception:
-                pass
+            self._close_failed_capture()
             return None
         finally:
             current.wait_stream(self.stream)
         return graph
+
+    def _close_failed_capture(self) -> None:
+        """A capture_end that fails stops before it tidies up: the capture stream would go on allocating into the
+        graphs' pool, and the random generators would stay in capture mode (every later dropout would then fail
+        with "Offset increment outside graph capture"). Release the pool, then record and end an empty graph,
+        which takes the generators out of capture mode."""
+        try:
+            torch._C._cuda_endAllocateToPool(self.device.index or 0, self.pool)
+        except Exception:
+            pass
+        try:
+            with torch.cuda.stream(self.stream):
+                empty = torch.cuda.CUDAGraph()
+                empty.capture_begin(capture_error_mode="relaxed")
+                empty.capture_end()
+        except Exception:
+            pass
 
     def _eager(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """The step without a graph: on the capture stream while graphs are on (it warms the stream up), ordered with

@@ -68,7 +68,7 @@ def test_a_replayed_step_gives_the_eager_gradients(name, amp):
             graphs.run(graph_key(bag), y, c, partial(bag_step, model, bag, loss_fn, amp, 1))
             torch.testing.assert_close(graphs.take_loss(), eager_loss, rtol=1e-4, atol=1e-5)
             for g, e in zip(_grads(model), expected):
-                torch.testing.assert_close(g, e, rtol=1e-3 if amp else 1e-4, atol=1e-4 if amp else 1e-6)
+                torch.testing.assert_close(g, e, rtol=2e-2 if amp else 1e-4, atol=2e-3 if amp else 1e-6)  # bf16
     stats = graphs.stats()
     assert stats["off"] is None and stats["graphs"] == 2 and stats["replayed"] == 3, stats  # bag 0 warmed up
 
@@ -93,7 +93,7 @@ def _train(name, graphs, epochs=3):
     bags = _Bags([random_bag(name, parse_bag(size), 32, dev, seed=s) for s, size in enumerate(sizes)])
     y = torch.tensor([0, 1, 2, 3, 1], device=dev)
     c = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0], device=dev)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the gradients: last-bit differences stay small
     step_graphs = StepGraphs(model, dev) if graphs else None
     losses = [train_epoch(model, bags, [4, 0, 3, 1, 2], y, c, get_loss("nll"), optim, 2, graphs=step_graphs)
               for _ in range(epochs)]
@@ -167,3 +167,6 @@ def test_models_that_cannot_be_graphed_train_eagerly_and_say_why(unused):
     stats = graphs.stats()
     assert stats["graphs"] == 0 and stats["replayed"] == 0 and stats["eager"] == 9
     assert ("no gradient" if unused else "capture failed") in stats["off"]
+    # the failed capture left nothing behind: random numbers (dropout) and allocations work as before
+    dropped = torch.nn.functional.dropout(torch.ones(1000, device=dev), 0.5, training=True)
+    assert 0 < int((dropped == 0).sum()) < 1000
