@@ -3,8 +3,9 @@
 Recipe (DESIGN.md): Adam, one bag per step with gradient accumulation, warm-up epochs before any epoch can be
 selected, bf16 autocast on CUDA. Speed (docs/performance.md): bags stay on the GPU in half precision once read
 (:class:`DeviceBagStore`), labels are indexed on the device (no host synchronisation per step), ``pack`` bags can
-share one forward pass (models with ``forward_packed``; the same gradient as accumulating them one by one), and
-``compile=True`` compiles each model's ``hot_blocks``. Protocols: ``fixed`` scores the final model; ``inner-val``
+share one forward pass (models with ``forward_packed``; the same gradient as accumulating them one by one), each bag's
+step is replayed from a CUDA graph in later epochs (:mod:`milbench.step_graphs`; models that declare ``cuda_graphs``),
+and ``compile=True`` compiles each model's ``hot_blocks``. Protocols: ``fixed`` scores the final model; ``inner-val``
 selects the epoch on a patient-level inner split of the training fold; ``best-val`` selects it on the held-out fold
 itself (the CrossFusion paper's protocol: optimistic, kept to reproduce published tables).
 

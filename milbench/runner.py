@@ -121,6 +121,7 @@ class RunOptions:
     driver: str = ""
     node_cache: str | None = None  # copy the fold's feature files here (node-local disk) and read them there
     cache_bytes: int | None = None  # memory budget of each worker's slide cache (None: unlimited)
+    compile: bool = False  # CUDA: torch.compile each model's hot blocks (docs/performance.md)
 
 
 @dataclass
@@ -408,7 +409,7 @@ def run_fold(job: FoldJob, opts: RunOptions, attempt: int = 0, progress: Progres
                 if opts.node_cache:
                     cohort = stage_features(cohort, job, Path(opts.node_cache))
                 result = fit_fold(cohort, job.cfg, job.fold, device=opts.device, cache=cache, progress=progress,
-                                  keep_weights=opts.save_checkpoints)
+                                  keep_weights=opts.save_checkpoints, compile=opts.compile)
             if is_complete(runs, job.cfg, job.fold):  # trained twice after all (see the module notes): keep the first
                 return Outcome(job, "complete", attempt)
             write_fold(runs, job.cfg, job.fold, result.record, result.predictions, result.state_dict)

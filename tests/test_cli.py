@@ -88,3 +88,4 @@ def test_run_then_leaderboard_recomputes_from_predictions(synth_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "amil" in md and "0.999" not in md
+

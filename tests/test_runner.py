@@ -157,3 +157,21 @@ def test_node_cache_copies_the_folds_feature_files_once_and_gives_the_same_resul
     assert copied == [("x20", "h5_files", s) for s in slides]  # amil reads 20x only
     rel = f"{job.rel}/fold_0/predictions.csv"
     assert (tmp_path / "shared" / rel).read_bytes() == (tmp_path / "staged" / rel).read_bytes()
+
+
+def test_the_compile_option_reaches_the_fold(synth_dir, tmp_path, monkeypatch):
+    """`milbench run/grid/benchmark --compile` -> RunOptions.compile -> fit_fold(compile=True); off by default."""
+    import milbench.runner as runner
+
+    seen = []
+    real = runner.fit_fold
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit_fold", spy)
+    (job,) = _jobs(synth_dir, [0])
+    assert run_fold(job, RunOptions(str(tmp_path / "a"))).status == "trained"
+    assert run_fold(job, RunOptions(str(tmp_path / "b"), compile=True)).status == "trained"
+    assert seen == [False, True]
