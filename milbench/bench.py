@@ -204,9 +204,12 @@ def _time_calls(fn: Callable[[], None], device: torch.device, steps: int, warmup
                 peak_over_warmup: bool = False) -> tuple[list[float], int]:
     """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` calls, and the peak memory of a call
     (over the timed calls on CUDA, on one more call on the CPU; see :class:`_PeakMemory`). ``peak_over_warmup``
-    (CUDA) counts the warm-up calls too: a CUDA graph allocates its memory when it is captured, not replayed."""
+    (CUDA) counts the warm-up calls after the first too: a CUDA graph allocates its memory when it is recorded, not
+    replayed; the first call, which compiles (and autotunes) compiled blocks, is a one-off and not counted."""
+    if warmup:
+        fn()
     with _PeakMemory(device) if peak_over_warmup and device.type == "cuda" else contextlib.nullcontext() as warm:
-        for _ in range(warmup):
+        for _ in range(warmup - 1):
             fn()
     if device.type == "cuda":
         with _PeakMemory(device) as mem:
