@@ -62,23 +62,40 @@ def segment_softmax(scores: torch.Tensor, segment: torch.Tensor | None, n_segmen
     """Softmax of ``scores`` [N] (or [N, K]: K softmaxes) over the rows of each segment (bag); one segment when
     ``segment`` is None.
 
-    Used to pack several bags into one forward pass: numerically the same as one softmax per bag.
+    Used to pack several bags into one forward pass: numerically the same as one softmax per bag. The per-segment
+    maxima and sums go through a [segments, N] membership mask (:func:`segment_max`, :func:`segment_sum`), not
+    scatter/index_add: thousands of rows adding into a few dozen segments serialise GPU atomics.
     """
     if segment is None:
         return torch.softmax(scores, dim=0)
-    seg_max = torch.full((n_segments, *scores.shape[1:]), float("-inf"), device=scores.device, dtype=scores.dtype)
-    seg_max = seg_max.scatter_reduce(0, _rows_index(segment, scores), scores, reduce="amax", include_self=True)
-    e = torch.exp(scores - seg_max[segment])
-    denom = torch.zeros(n_segments, *scores.shape[1:], device=scores.device, dtype=e.dtype).index_add_(0, segment, e)
-    return e / denom[segment]
+    e = torch.exp(scores - segment_max(scores, segment, n_segments)[segment])
+    return e / segment_sum(e, segment, n_segments)[segment]
+
+
+def _members(segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """[n_segments, N] bool: row j belongs to segment i."""
+    return torch.arange(n_segments, device=segment.device).unsqueeze(1) == segment.unsqueeze(0)
 
 
 def segment_sum(values: torch.Tensor, segment: torch.Tensor | None, n_segments: int = 1) -> torch.Tensor:
-    """Sum rows of ``values`` [N, d] per segment -> [n_segments, d]."""
+    """Sum rows of ``values`` [N] or [N, d] per segment -> [n_segments] or [n_segments, d]: one matrix product with
+    the membership mask (float32 accumulation, no atomics)."""
     if segment is None:
         return values.sum(dim=0, keepdim=True)
-    out = torch.zeros(n_segments, values.shape[1], device=values.device, dtype=values.dtype)
-    return out.index_add_(0, segment, values)
+    flat = values.reshape(values.shape[0], -1)
+    return (_members(segment, n_segments).to(flat.dtype) @ flat).view(n_segments, *values.shape[1:])
+
+
+def _masked_rows(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """[n_segments, N, ...]: ``values`` where the row belongs to the segment, -inf elsewhere."""
+    members = _members(segment, n_segments).view(n_segments, -1, *([1] * (values.dim() - 1)))
+    return torch.where(members, values.unsqueeze(0), torch.tensor(float("-inf"), dtype=values.dtype,
+                                                                   device=values.device))
+
+
+def segment_max(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """Maximum of ``values`` [N] or [N, K] over each segment's rows -> [n_segments] or [n_segments, K]."""
+    return _masked_rows(values, segment, n_segments).amax(dim=1)
 
 
 class GatedAttention(nn.Module):
@@ -430,21 +447,10 @@ class WindowedSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(w, width, d)[window, pos])
 
 
-def _rows_index(segment: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``segment`` [N] broadcast to the shape of ``like`` [N, ...] (the index form scatter_reduce wants)."""
-    return segment.view(-1, *([1] * (like.dim() - 1))).expand_as(like)
-
-
 def segment_argmax(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
     """Row index (into ``values`` [N, K]) of each segment's maximum per column -> [n_segments, K]; the first row on
     ties, as ``argmax`` picks. No host synchronisation (packed DSMIL's critical instances)."""
-    index = _rows_index(segment, values)
-    seg_max = torch.full((n_segments, *values.shape[1:]), float("-inf"), device=values.device, dtype=values.dtype)
-    seg_max = seg_max.scatter_reduce(0, index, values, reduce="amax", include_self=True)
-    rows = torch.arange(values.shape[0], device=values.device).view(-1, *([1] * (values.dim() - 1)))
-    candidate = torch.where(values == seg_max[segment], rows, values.shape[0]).expand_as(values)
-    first = torch.full(seg_max.shape, values.shape[0], device=values.device, dtype=torch.long)
-    return first.scatter_reduce(0, index, candidate, reduce="amin", include_self=True)
+    return _masked_rows(values, segment, n_segments).argmax(dim=1)
 
 
 class _CompiledForward:
