@@ -837,8 +837,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
                   f"| milbench, first epoch of {cached['patients']} cached patients ({cached['bags_on_device']} on "
                   f"the GPU{'; records the CUDA graphs' if r.get('cuda_graphs') else ''}) | {cached['patients']} | "
                   f"{cached['first_epoch_s']:.1f} | {cached['first_slides_per_s']:.1f} |",
-                  f"| milbench, next epoch of the same patients{' (replays the graphs)' if r.get('cuda_graphs') else ''}"
-                  f" | {cached['patients']} | {cached['seconds']:.1f} | {cached['slides_per_s']:.1f} |", "",
+                  f"| milbench, next epoch of the same patients"
+                  f"{' (replays the graphs)' if r.get('cuda_graphs') else ''} | {cached['patients']} | {cached['seconds']:.1f} | {cached['slides_per_s']:.1f} |", "",
                   f"Steady-state speed-up {r['speedup_steady']:.1f}x; over 100 epochs (one read, 99 cached) "
                   f"{r['speedup_100_epochs']:.1f}x.", ""]
     for r in records:

@@ -326,7 +326,7 @@ def train_epoch(model: torch.nn.Module, bags, order: list[int], y: torch.Tensor,
         if windowed:  # None: all censored, skipped
             loss = window_loss(model, (bags.get(i) for i in chunk), y_ord[part], c_ord[part], t_part, loss_fn,
                                amp) if has_event[part].any() else None
-        elif graphs is not None and pack == 1:  # one bag, its step replayed from a CUDA graph when the bag is kept on the device
+        elif graphs is not None and pack == 1:  # one bag: its step replayed from a CUDA graph if the bag is stored
             bag = bags.get(chunk[0], as_float=False)
             key = graph_key(bag) if getattr(bags, "resident", _not_resident)(chunk[0]) else None
             graphs.run(key, y_ord[part], c_ord[part], partial(bag_step, model, bag, loss_fn, amp, grad_accum))

@@ -159,5 +159,6 @@ class StepGraphs:
         return total
 
     def stats(self) -> dict[str, object]:
-        """Graphs held, steps replayed / captured / run eagerly, and why graphs were turned off (None: they were not)."""
+        """Graphs held, steps replayed / captured / run eagerly, and why graphs were turned off (None if they were
+        not)."""
         return {"graphs": len(self.graphs), **self.counts, "off": self.off}

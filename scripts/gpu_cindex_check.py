@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from milbench.benchmark import benchmark_jobs, load_spec, prepare_cohorts
+from milbench.data.cache import FeatureCache
 from milbench.engine import fit_fold
-from milbench.runner import _worker_cohort
 from milbench.store import fold_dir
 
 
@@ -27,11 +27,11 @@ def main(model: str = "crossfusion", scenario: str = "cross-scale", seed: str = 
     spec = dataclasses.replace(spec, scenarios=(scenario,))
     tables = prepare_cohorts(spec)
     jobs, _ = benchmark_jobs(spec, tables, [model], [int(seed)])
-    print(f"| fold | CPU float32 (leaderboard) | CUDA, graphs | CUDA, no graphs | seconds (graphs / none) |")
+    print("| fold | CPU float32 (leaderboard) | CUDA, graphs | CUDA, no graphs | seconds (graphs / none) |")
     print("|---|---|---|---|---|")
     rows = []
+    cohort, cache = jobs[0].cohort.resolve(), FeatureCache()  # one scenario: every fold reads the same slides
     for job in jobs[: int(folds)]:
-        cohort, cache = _worker_cohort(job.cohort, None)
         stored = fold_dir(Path(spec.runs_dir), job.cfg, job.fold) / "record.json"
         cpu = json.loads(stored.read_text())["metrics"]["c_index"] if stored.is_file() else float("nan")
         row = [cpu]

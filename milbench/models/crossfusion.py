@@ -27,15 +27,15 @@ import torch.nn.functional as F
 
 from milbench.data.bag import Bag
 from milbench.models.blocks import (
-    PPEG,
     FeedForward,
     HazardHead,
     ModelOutput,
     MultiheadSDPA,
+    PPEG,
+    depthwise_conv2d,
     fold_square_pad,
     init_linear_trunc_normal,
     key_attention,
-    depthwise_conv2d,
     square_pad,
     summed_kernel,
 )
