@@ -91,7 +91,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from milbench.models.blocks import PPEG
+from milbench.models.layers.position import PPEG
 from milbench.models.crossfusion import ConvProcessor
 
 dev = torch.device(os.environ["DEV"])
@@ -207,8 +207,10 @@ if [ "$(left)" -gt 40 ]; then
 import os
 
 import torch
-from milbench.bench import build_model, parse_bag, random_bag
-from milbench.engine import _as_float, bag_loss
+from milbench.bench.bags import parse_bag, random_bag
+from milbench.bench.timing import build_model
+from milbench.training.device import float_bag as _as_float
+from milbench.training.steps import bag_loss
 from milbench.survival.losses import get_loss
 
 dev, dim = torch.device(os.environ["DEV"]), int(os.environ["DIM"])

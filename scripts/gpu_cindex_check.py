@@ -16,17 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from milbench.benchmark import benchmark_jobs, load_spec, prepare_cohorts
+from milbench.runs.benchmark import benchmark_jobs, prepare_cohorts
+from milbench.config.benchmark import load_spec
 from milbench.data.cache import FeatureCache
-from milbench.engine import fit_fold
-from milbench.store import fold_dir
+from milbench.training.fold import fit_fold
+from milbench.runs.store import fold_dir
 
 
 def main(model: str = "crossfusion", scenario: str = "cross-scale", seed: str = "7", folds: str = "5") -> None:
     spec = load_spec("benchmarks/synthetic.toml")
     spec = dataclasses.replace(spec, scenarios=(scenario,))
     tables = prepare_cohorts(spec)
-    jobs, _ = benchmark_jobs(spec, tables, [model], [int(seed)])
+    jobs = benchmark_jobs(spec, tables, [model], [int(seed)])
     print("| fold | CPU float32 (leaderboard) | CUDA, graphs | CUDA, no graphs | seconds (graphs / none) |")
     print("|---|---|---|---|---|")
     rows = []

@@ -41,7 +41,7 @@ def tiny_bag() -> Bag:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """A small synthetic cohort on disk in the CLAM layout (20 patients, tiny bags, width 16)."""
-    from milbench.synthetic import generate_cohort
+    from milbench.tasks.synthetic import generate_cohort
 
     return generate_cohort(tmp_path_factory.mktemp("synth"), "coarse", patients=20, seed=0, size=0.25, in_dim=16)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from milbench.config import RunConfig, make_config
-from milbench.store import write_fold
+from milbench.config.run import RunConfig, make_config
+from milbench.runs.store import write_fold
 from milbench.survival.binning import assign_bins, fit_bins
 
 N_PATIENTS, N_FOLDS = 60, 5

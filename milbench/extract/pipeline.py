@@ -9,6 +9,9 @@ CUDA); write h5 + pt per magnification as soon as a slide is complete; merge a p
 ``ROOT/<encoder>/extract_settings.json`` records what defines the features (encoder, weights, magnifications,
 patch size, tissue settings): a rerun with different settings into the same folder is refused instead of mixing
 features. A failed slide (unreadable file, no tissue) is reported and never written; the others go on.
+
+Longer than 400 lines because the run's stages (listing, planning workers, decoding, embedding, writing) share one
+bounded pipeline state; split, each stage would pass that state around.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import tempfile
 import time
 from collections import deque
@@ -36,6 +38,7 @@ from milbench.extract.grid import SlidePlan, parse_mags, plan_slide
 from milbench.extract.slides import read_patches
 from milbench.extract.tissue import parse_threshold
 from milbench.extract.writer import feature_paths, write_features
+from milbench.files import atomic_path, write_json
 
 SETTINGS_FILE = "extract_settings.json"
 REPORT_FILE = "extract_report.csv"
@@ -125,9 +128,7 @@ def check_settings(enc_root: Path, settings: dict[str, object]) -> None:
                                 f"--name, or delete {enc_root} to start over")
         return
     enc_root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, settings, newline=True)
 
 
 class _Now:
@@ -332,9 +333,8 @@ def _write_report(path: Path, rows: list[dict]) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame = frame.sort_values("slide", kind="stable").reset_index(drop=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return frame
 
 

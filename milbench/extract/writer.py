@@ -6,22 +6,19 @@ never leaves a truncated file under the real name. The pt file is written first:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from milbench.files import atomic_path
+
 
 def feature_paths(root: Path, encoder: str, mag: int, slide: str) -> tuple[Path, Path]:
     """(h5, pt) paths of one slide at one magnification."""
     folder = Path(root) / encoder / f"x{mag}"
     return folder / "h5_files" / f"{slide}.h5", folder / "pt_files" / f"{slide}.pt"
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def write_features(root: Path, encoder: str, mag: int, slide: str, features: np.ndarray, coords: np.ndarray,
@@ -35,16 +32,13 @@ def write_features(root: Path, encoder: str, mag: int, slide: str, features: np.
     for path in (h5_path, pt_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     feats = np.ascontiguousarray(features, dtype=np.float32)
-    tmp = _tmp(pt_path)
-    torch.save(torch.from_numpy(feats), tmp)
-    os.replace(tmp, pt_path)
-    tmp = _tmp(h5_path)
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(pt_path) as tmp:
+        torch.save(torch.from_numpy(feats), tmp)
+    with atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=feats)
         c = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         for key, value in coord_attrs.items():
             c.attrs[key] = value
         for key, value in file_attrs.items():
             f.attrs[key] = value
-    os.replace(tmp, h5_path)
     return h5_path

@@ -11,21 +11,13 @@ import torch
 import torch.nn as nn
 
 from milbench.data.bag import Bag
-from milbench.models.blocks import AttentionPool, HazardHead, ModelOutput, mlp
-from milbench.registry import register_model
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.pooling import AttentionPool
+from milbench.models.registry import register_model
 
 
-@register_model(
-    "amil",
-    display_name="AMIL",
-    paper="Ilse et al., Attention-based Deep Multiple Instance Learning, ICML 2018",
-    scales=("20x",),
-    reference_params={1024: 789_765, 2048: 1_314_053},
-    description="gated attention pooling over 20x patches (CrossFusion-repo variant; variant=patchgcn for Patch-GCN's)",
-)
+@register_model("amil")
 class AMIL(nn.Module):
-    cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
-    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
     def __init__(self, in_dim: int, n_bins: int = 4, hidden: int = 512, attn_dim: int = 256,
                  variant: str = "crossfusion", dropout: float | None = None) -> None:
         super().__init__()

@@ -23,26 +23,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from milbench.data.bag import Bag
-from milbench.models.blocks import (
-    FeedForward,
-    HazardHead,
-    ModelOutput,
-    MultiheadSDPA,
-    PPEG,
-    depthwise_conv2d,
-    fold_square_pad,
-    init_linear_trunc_normal,
-    key_attention,
-    square_pad,
-    summed_kernel,
-)
-from milbench.registry import register_model
-
-PAPER = ("Soraki et al., CrossFusion: A Multi-Scale Cross-Attention Convolutional Fusion Model for Cancer Survival "
-         "Prediction, MIDL 2026")
+from milbench.models.layers.attention import MultiheadSDPA, key_attention, split_heads
+from milbench.models.layers.common import FeedForward, HazardHead, ModelOutput, init_linear_trunc_normal
+from milbench.models.layers.position import PPEG, fold_square_pad, square_pad
+from milbench.models.registry import register_model
 
 
 def input_projection(in_dim: int, dim: int) -> nn.Module:
@@ -53,7 +39,7 @@ def input_projection(in_dim: int, dim: int) -> nn.Module:
 @torch.no_grad()
 def class_token_attention(attn: MultiheadSDPA, x: torch.Tensor) -> torch.Tensor:
     """Attention of the first (class) token of ``x`` [B, N, d] to every token, mean over heads: [B, N]."""
-    return key_attention(attn._heads(attn.q(x[:, :1])), attn._heads(attn.k(x)))
+    return key_attention(split_heads(attn.q(x[:, :1]), attn.n_heads), split_heads(attn.k(x), attn.n_heads))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -140,12 +126,8 @@ class PadTransformer(nn.Module):
 class MultiScaleConv(nn.Module):
     """Grouped 7x7 + 5x5 + 3x3 convolutions plus a grouped 1x1 shortcut projection, summed.
 
-    Computed as one convolution: the four share their groups and centre, so their sum is the convolution with
-    the summed (zero-padded) kernel and biases. With one output channel per group (CrossFusion: d -> d/2 in d/2
-    groups) that grouped convolution runs as a depthwise one over the input channels followed by a sum over each
-    group's inputs: the same function, through a fast depthwise kernel (:func:`blocks.depthwise_conv2d`) instead of
-    four grouped ones (the grouped kernels took 115 ms forward and backward on a 117 x 117 grid on an H100;
-    docs/performance.md).
+    Training runs it as one merged depthwise convolution (:mod:`milbench.accel.rewrites`): the grouped kernels took
+    115 ms forward and backward on a 117 x 117 grid on an H100 (docs/performance.md).
     """
 
     def __init__(self, in_dim: int, out_dim: int, groups: int) -> None:
@@ -156,13 +138,7 @@ class MultiScaleConv(nn.Module):
         self.shortcut = nn.Conv2d(in_dim, out_dim, 1, groups=groups)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        weight, bias = summed_kernel((self.conv7, self.conv5, self.conv3, self.shortcut))
-        out, per = weight.shape[:2]
-        if out != self.conv7.groups:  # several outputs per group: the merged grouped convolution itself
-            return F.conv2d(grid, weight, bias, padding=3, groups=self.conv7.groups)
-        b, _, h, w = grid.shape
-        y = depthwise_conv2d(grid, weight.reshape(out * per, 1, 7, 7))
-        return y.view(b, out, per, h, w).sum(2) + bias.view(1, -1, 1, 1)
+        return self.conv7(grid) + self.conv5(grid) + self.conv3(grid) + self.shortcut(grid)
 
 
 class ConvProcessor(nn.Module):
@@ -176,12 +152,8 @@ class ConvProcessor(nn.Module):
         self.expand = nn.Sequential(nn.Linear(dim // 2, dim), nn.LayerNorm(dim))
 
     def fuse_scales(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """The 1x1x1 Conv3d over the stacked scales, computed as the weighted sum it is (no stacked copy)."""
-        w, b = self.scale_fusion.weight.view(-1), self.scale_fusion.bias
-        out = b + w[0] * maps[0]
-        for i in range(1, len(maps)):
-            out = out + w[i] * maps[i]
-        return out
+        """The 1x1x1 Conv3d over the stacked scales: tokens [B, N, d] per scale -> [B, N, d]."""
+        return self.scale_fusion(torch.stack(maps, dim=1).unsqueeze(-1))[:, 0, ..., 0]
 
     def forward(self, maps: list[torch.Tensor], side: int) -> torch.Tensor:
         """``maps``: tokens [B, side^2, d] per scale (source, fine, coarse) -> fused tokens [B, side^2, d]."""
@@ -216,20 +188,8 @@ def init_crossfusion(model: nn.Module) -> None:
     nn.init.normal_(model.cls_token, std=1e-6)
 
 
-@register_model(
-    "crossfusion",
-    display_name="CrossFusion",
-    paper=PAPER,
-    scales=("5x", "10x", "20x"),
-    group="multi_scale",
-    reference_params={1024: 22_963_720, 2048: 24_536_584},
-    description="10x queries 5x and 20x by cross-attention; Pad-Transformers per stream; Conv Processor fusion",
-)
+@register_model("crossfusion")
 class CrossFusion(nn.Module):
-    # compiled by blocks.compile_blocks on the fast path (docs/performance.md)
-    hot_blocks = (CrossAttentionBlock, TransformerLayer, PPEG, ConvProcessor, ConcatFusion)
-    cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
-    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
 
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, n_heads: int = 4, n_layers: int = 1,
                  mlp_ratio: float = 2.0, dropout: float = 0.3, attn_dropout: float = 0.2,
@@ -280,34 +240,15 @@ class CrossFusion(nn.Module):
         return ModelOutput(logits, None, {k: v[0] for k, v in maps.items()})
 
 
-@register_model(
-    "crossfusion_concat",
-    display_name="CrossFusion w/o CP",
-    paper=PAPER,
-    scales=("5x", "10x", "20x"),
-    group="ablation",
-    reference_params={1024: 23_575_044, 2048: 25_147_908},
-    description="CrossFusion with the Conv Processor replaced by channel concatenation and a linear projection",
-)
+@register_model("crossfusion_concat")
 class CrossFusionConcat(CrossFusion):
     def make_fusion(self, dim: int, dropout: float) -> nn.Module:
         """Concatenation and projection instead of the Conv Processor."""
         return ConcatFusion(dim, n_scales=3)
 
 
-@register_model(
-    "crossfusion_single",
-    display_name="CrossFusion w/o F&C",
-    paper=PAPER,
-    scales=("20x",),
-    group="ablation",
-    reference_params={1024: 9_206_276, 2048: 9_730_564},
-    description="CrossFusion on 20x only: one Pad-Transformer, Conv Processor without scale fusion, final transformer",
-)
+@register_model("crossfusion_single")
 class CrossFusionSingle(nn.Module):
-    hot_blocks = (TransformerLayer, PPEG, ConvProcessor)  # compiled by blocks.compile_blocks on the fast path
-    cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
-    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
 
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, n_heads: int = 4, n_layers: int = 1,
                  mlp_ratio: float = 2.0, dropout: float = 0.3, attn_dropout: float = 0.2,

@@ -28,23 +28,15 @@ import torch.nn as nn
 from milbench import MilbenchError
 from milbench.data.bag import Bag
 from milbench.data.multiscale import bag_index, take_rows
-from milbench.models.blocks import AdditiveAttention, HazardHead, ModelOutput, mlp
-from milbench.models.clustering import kmeans
-from milbench.registry import register_model
+from milbench.models.layers.clustering import kmeans
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.pooling import AdditiveAttention
+from milbench.models.registry import register_model
 
 VIEWS = ("20x", "10x", "5x")
 
 
-@register_model(
-    "csmil",
-    display_name="CS-MIL",
-    paper="Deng et al., Cross-scale multi-instance learning for pathological image diagnosis, MedIA 2024",
-    scales=("5x", "10x", "20x"),
-    needs=("coords", "hierarchy"),
-    group="multi_scale",
-    reference_params={1024: 72_038, 2048: 137_574},
-    description="shared embedding of each 20x patch and its 10x/5x parents, cross-scale attention, attention pooling",
-)
+@register_model("csmil")
 class CSMIL(nn.Module):
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 64, attn_dim: int = 32, dropout: float = 0.5,
                  n_clusters: int = 8, per_cluster: int | None = 64, per_cluster_std: float = 4.0,

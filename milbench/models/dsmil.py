@@ -35,22 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from milbench.data.bag import Bag
-from milbench.models.blocks import ModelOutput, mlp, segment_argmax, segment_softmax
-from milbench.registry import register_model
+from milbench.models.layers.common import ModelOutput, mlp
+from milbench.models.layers.segment import segment_argmax, segment_softmax
+from milbench.models.registry import register_model
 
 
-@register_model(
-    "dsmil",
-    display_name="DSMIL",
-    paper="Li, Li & Eliceiri, Dual-stream Multiple Instance Learning Network for Whole Slide Image Classification "
-          "with Self-supervised Contrastive Learning, CVPR 2021",
-    scales=("20x",),
-    reference_params={1024: 168_200, 2048: 319_752},
-    description="max-instance critical patch per time bin queries all 20x patches (CrossFusion-repo variant, "
-                "plus the max-instance loss; instance_loss=False for the reference's untrained instance stream)",
-)
+@register_model("dsmil")
 class DSMIL(nn.Module):
-    cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
     def __init__(self, in_dim: int, n_bins: int = 4, query_dim: int = 128, instance_loss: bool = True) -> None:
         super().__init__()
         self.instance_loss = instance_loss

@@ -21,8 +21,9 @@ from torch_geometric.nn import DeepGCNLayer, GENConv, GINConv
 
 from milbench import MilbenchError
 from milbench.data.bag import Bag
-from milbench.models.blocks import AttentionPool, HazardHead, ModelOutput, mlp
-from milbench.registry import register_model
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.pooling import AttentionPool
+from milbench.models.registry import register_model
 
 
 def graph_edges(bag: Bag, model: str) -> torch.Tensor:
@@ -68,18 +69,7 @@ class DeepGCNStack(nn.Module):
         return torch.cat(outs, dim=-1)
 
 
-@register_model(
-    "deepgraphsurv",
-    display_name="DeepGraphSurv",
-    paper="Li et al., Graph CNN for Survival Analysis on Whole Slide Pathological Images, MICCAI 2018 "
-          "(as re-implemented in Chen et al.'s Patch-GCN benchmark, 'DGC')",
-    scales=("20x",),
-    needs=("graph",),
-    graph_kind="latent",
-    graph_k=8,
-    reference_params={1024: 790_021, 2048: 1_052_165},
-    description="3x GINConv on a feature-space kNN graph (k=8, the published DGC runs) + gated attention pooling",
-)
+@register_model("deepgraphsurv")
 class DeepGraphSurv(nn.Module):
     """Patch-GCN's ``DeepGraphConv_Surv``: resample dropout, 3 GINConv (sum aggregation, eps = 0) each followed by
     ReLU, gated attention over all nodes, rho, hazard head.
@@ -116,18 +106,7 @@ class DeepGraphSurv(nn.Module):
         return ModelOutput(logits, None, {"20x": a.detach()} if return_attention else {})
 
 
-@register_model(
-    "patchgcn",
-    display_name="PatchGCN",
-    paper="Chen et al., Whole Slide Images are 2D Point Clouds: Context-Aware Survival Prediction using "
-          "Patch-based Graph Convolutional Networks, MICCAI 2021",
-    scales=("20x",),
-    needs=("coords", "graph"),
-    graph_kind="spatial",
-    graph_k=8,
-    reference_params={1024: 1_383_304, 2048: 1_514_376},
-    description="3x GENConv (softmax aggregation, DeepGCN res blocks) on a spatial kNN graph (k=8) + gated attention",
-)
+@register_model("patchgcn")
 class PatchGCN(nn.Module):
     """Patch-GCN's ``PatchGCN_Surv``: fc, 3 GENConv layers (DeepGCN), concatenation of all layers, phi, gated
     attention over all nodes of all slides, rho, hazard head."""

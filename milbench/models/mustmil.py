@@ -26,21 +26,12 @@ import torch.nn as nn
 from milbench import MilbenchError
 from milbench.data.bag import Bag
 from milbench.data.multiscale import bag_index
-from milbench.models.blocks import AdditiveAttention, HazardHead, ModelOutput
-from milbench.registry import register_model
+from milbench.models.layers.common import HazardHead, ModelOutput
+from milbench.models.layers.pooling import AdditiveAttention
+from milbench.models.registry import register_model
 
 
-@register_model(
-    "mustmil",
-    display_name="MuSTMIL",
-    paper="Marini et al., Multi-Scale Task Multiple Instance Learning for the Classification of Digital Pathology "
-          "Images with Global Annotations, MICCAI COMPAY 2021 (PMLR 156)",
-    scales=("5x", "10x"),
-    needs=("coords", "hierarchy"),
-    group="multi_scale",
-    reference_params={1024: 304_344, 2048: 566_488},
-    description="per-scale attention branches + joint attention on paired 10x/5x rows (E=128, D=64)",
-)
+@register_model("mustmil")
 class MuSTMIL(nn.Module):
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 128, attn_dim: int = 64,
                  scales: tuple[str, ...] = ("5x", "10x")) -> None:

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 
 from milbench import MilbenchError
 from milbench.data.bag import Bag
-from milbench.models.blocks import HazardHead, ModelOutput, key_attention
-from milbench.models.clustering import kmeans, nearest_centroid
 from milbench.models.graph_mil import DeepGCNStack, graph_edges
-from milbench.registry import register_model
+from milbench.models.layers.attention import key_attention
+from milbench.models.layers.clustering import kmeans, nearest_centroid
+from milbench.models.layers.common import HazardHead, ModelOutput
+from milbench.models.registry import register_model
 
 
 class PrototypeCrossAttention(nn.Module):
@@ -80,18 +81,7 @@ class PrototypeCrossAttention(nn.Module):
         return x, key_attention(q, k) if need_weights else None
 
 
-@register_model(
-    "protosurv",
-    display_name="ProtoSurv",
-    paper="Wu et al., Leveraging Tumor Heterogeneity: Heterogeneous Graph Representation Learning for Cancer "
-          "Survival Prediction in Whole Slide Images, NeurIPS 2024",
-    scales=("20x",),
-    needs=("coords", "graph", "clusters"),
-    graph_kind="spatial",
-    graph_k=4,
-    reference_params={1024: 52_987_779, 2048: 73_568_131},
-    description="GENConv GNN + 40 tissue-type prototypes (k-means priors on the training fold), cross-attention fusion",
-)
+@register_model("protosurv")
 class ProtoSurv(nn.Module):
     """GNN branch (pre_fc, 3 GENConv layers, post_fc), prototype branch (per-type means -> 8 prototypes per type,
     each type refined by cross-attention to all patches), fusion (prototypes attend to the GNN node tokens),

@@ -41,9 +41,11 @@ import torch.nn.functional as F
 
 from milbench import MilbenchError
 from milbench.data.bag import Bag
-from milbench.models.blocks import AttentionPool, HazardHead, ModelOutput, WindowedSelfAttention, mlp
-from milbench.models.clustering import kmeans
-from milbench.registry import register_model
+from milbench.models.layers.attention import WindowedSelfAttention
+from milbench.models.layers.clustering import kmeans
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.pooling import AttentionPool
+from milbench.models.registry import register_model
 
 
 class SoftFilter(nn.Module):
@@ -125,18 +127,7 @@ class SurvivalMDN(nn.Module):
         return torch.stack([w, mu, sigma], dim=1)
 
 
-@register_model(
-    "scmil",
-    display_name="SCMIL",
-    paper="Yang et al., SCMIL: Sparse Context-aware Multiple Instance Learning for Predicting Cancer Survival "
-          "Probability Distribution in Whole Slide Images, MICCAI 2024",
-    scales=("20x",),
-    needs=("coords",),
-    reference_params={1024: 10_238_214, 2048: 39_349_510},
-    description="SoftFilter, k-means windows on features+coords with local self-attention, gated attention "
-                "pooling; builds the reference's used weights only (4,990,214 @1024, 18,367,750 @2048); head=mdn "
-                "for the official mixture-density head",
-)
+@register_model("scmil")
 class SCMIL(nn.Module):
     def __init__(self, in_dim: int, n_bins: int = 4, n_heads: int = 8, cluster_size: int = 64,
                  feature_weight: float = 0.8, dropout: float = 0.25, attn_dim: int = 256, seed: int = 1,

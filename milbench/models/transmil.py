@@ -24,8 +24,10 @@ import torch
 import torch.nn as nn
 
 from milbench.data.bag import Bag
-from milbench.models.blocks import PPEG, HazardHead, ModelOutput, NystromAttention, fold_square_pad, mlp, square_pad
-from milbench.registry import register_model
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.nystrom import NystromAttention
+from milbench.models.layers.position import PPEG, fold_square_pad, square_pad
+from milbench.models.registry import register_model
 
 
 class TransLayer(nn.Module):
@@ -42,20 +44,8 @@ class TransLayer(nn.Module):
         return x + y, w
 
 
-@register_model(
-    "transmil",
-    display_name="TransMIL",
-    paper="Shao et al., TransMIL: Transformer based Correlated Multiple Instance Learning for WSI Classification, "
-          "NeurIPS 2021",
-    scales=("20x",),
-    reference_params={1024: 2_673_172, 2048: 3_197_460},
-    description="two Nystrom-attention layers with a PPEG over the square-padded 20x patch sequence "
-                "(CrossFusion-repo variant; nystrom_slicing=first for nystrom-attention 0.0.9)",
-)
+@register_model("transmil")
 class TransMIL(nn.Module):
-    hot_blocks = (TransLayer, PPEG)  # compiled by blocks.compile_blocks on the fast path (docs/performance.md)
-    cuda_graphs = True  # no host data or host randomness in a step: it may be replayed (milbench.step_graphs)
-    autocast_inputs = True  # the features enter a Linear first: fed in half precision (engine.model_input)
 
     def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, n_heads: int = 8, n_landmarks: int | None = None,
                  dropout: float = 0.1, nystrom_slicing: str = "last") -> None:

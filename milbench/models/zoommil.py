@@ -23,20 +23,13 @@ import torch.nn as nn
 
 from milbench.data.bag import Bag
 from milbench.data.multiscale import bag_index, take_rows
-from milbench.models.blocks import AttentionPool, GatedAttention, HazardHead, ModelOutput, mlp, perturbed_topk
-from milbench.registry import register_model
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.pooling import AttentionPool, GatedAttention
+from milbench.models.layers.topk import perturbed_topk
+from milbench.models.registry import register_model
 
 
-@register_model(
-    "zoommil",
-    display_name="ZoomMIL",
-    paper="Thandiackal et al., Differentiable Zooming for Multiple Instance Learning on Whole-Slide Images, ECCV 2022",
-    scales=("5x", "10x", "20x"),
-    needs=("coords", "hierarchy"),
-    group="multi_scale",
-    reference_params={1024: 2_891_017, 2048: 4_463_881},
-    description="gated attention per magnification + perturbed top-k zoom 5x->10x->20x (k=12)",
-)
+@register_model("zoommil")
 class ZoomMIL(nn.Module):
     def __init__(self, in_dim: int, n_bins: int = 4, hidden: int = 512, attn_dim: int = 256, dropout: float = 0.25,
                  k: int = 12, sigma: float = 0.002, n_samples: int = 100) -> None:

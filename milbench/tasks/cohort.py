@@ -316,7 +316,7 @@ def _synthetic(key: str, splits: str | Path | None, features: str | Path | None,
     scenario = key.removeprefix("synthetic").lstrip("_-").replace("_", "-") or "mixed"
     if scenario not in SCENARIOS:
         raise MilbenchError(f"unknown synthetic scenario '{scenario}': use one of {', '.join(SCENARIOS)}")
-    from milbench.synthetic import builtin_cohort
+    from milbench.tasks.synthetic import builtin_cohort
 
     name = f"synthetic_{scenario}"
     folder = Path(builtin_cohort(name))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +20,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from milbench import MilbenchError
+from milbench.files import atomic_write
 from milbench.tasks import audit, site_folds, tcga
 from milbench.tasks.audit import Finding
 
@@ -55,16 +55,6 @@ class ImportResult:
     never_held_out: int
     anomalies: list[Finding]
     site_folds: SiteFoldsResult
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file beside ``path``, then move it into place in one step."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def table_bytes(table: pd.DataFrame) -> bytes:
@@ -267,6 +257,6 @@ def _write_table_and_sidecar(out: str | Path, name: str, data: bytes, sidecar: d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table_path, sidecar_path = out / f"{name}.csv", out / f"{name}.json"
-    write_atomic(table_path, data)
-    write_atomic(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write(table_path, data)
+    atomic_write(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
     return table_path, sidecar_path

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from sksurv.metrics import concordance_index_censored
 
-from milbench.data.prepare import prepare_bag
-from milbench.engine import head_kind, train_epoch
-from milbench.registry import create_model, get_card
+from milbench.training.prepare import prepare_bag
+from milbench.training.contracts import head_kind
+from milbench.training.steps import train_epoch
+from milbench.models.registry import create_model, get_card
 from milbench.survival.losses import get_loss, loss_for_head, risk_and_survival
 from tests.conftest import nested_bag
 

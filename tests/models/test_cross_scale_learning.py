@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from sksurv.metrics import concordance_index_censored
 
-from milbench.config import make_config
-from milbench.engine import fit_fold
-from milbench.synthetic import generate_cohort
+from milbench.config.run import make_config
+from milbench.training.fold import fit_fold
+from milbench.tasks.synthetic import generate_cohort
 from milbench.tasks.cohort import resolve_cohort
 
 FOLDS = 3

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from milbench.models.crossfusion import ConvProcessor, PadTransformer, TransformerLayer
-from milbench.registry import count_parameters, create_model, get_card
+from milbench.models.registry import count_parameters, create_model, get_card
 from tests.conftest import nested_bag
 from tests.models.learning import held_out_c_index
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from milbench import MilbenchError
-from milbench.registry import count_parameters, create_model, get_card
+from milbench.models.registry import count_parameters, create_model, get_card
 from tests.conftest import nested_bag
 from tests.models.learning import held_out_c_index
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from milbench.registry import count_parameters, create_model, get_card
+from milbench.models.registry import count_parameters, create_model, get_card
 from milbench.survival.losses import nll_loss
 from tests.models.learning import held_out_c_index
 

@@ -3,8 +3,8 @@ import torch
 
 from milbench import MilbenchError
 from milbench.data.graphs import patch_graph
-from milbench.data.prepare import prepare_bag
-from milbench.registry import count_parameters, create_model, get_card
+from milbench.training.prepare import prepare_bag
+from milbench.models.registry import count_parameters, create_model, get_card
 from tests.conftest import nested_bag
 from tests.models.learning import held_out_c_index
 

@@ -5,9 +5,9 @@ import torch
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
 from milbench import MilbenchError
-from milbench.models.blocks import WindowedSelfAttention
+from milbench.models.layers.attention import WindowedSelfAttention
 from milbench.models.scmil import cluster_windows
-from milbench.registry import count_parameters, create_model, get_card
+from milbench.models.registry import count_parameters, create_model, get_card
 from milbench.survival.losses import mdn_nll, mdn_survival
 from tests.conftest import nested_bag
 from tests.models.learning import held_out_c_index

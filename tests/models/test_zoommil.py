@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from milbench.data.multiscale import build_index, take_rows
-from milbench.models.blocks import perturbed_topk
-from milbench.registry import count_parameters, create_model, get_card
+from milbench.models.layers.topk import perturbed_topk
+from milbench.models.registry import count_parameters, create_model, get_card
 from tests.conftest import nested_bag
 from tests.models.learning import held_out_c_index
 

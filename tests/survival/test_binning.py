@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from milbench import MilbenchError
-from milbench.survival import assign_bins, fit_bins
+from milbench.survival.binning import assign_bins, fit_bins
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 BLCA_TABLE = SHARED / "tcga" / "mcat" / "datasets_csv" / "tcga_blca_all_clean.csv"

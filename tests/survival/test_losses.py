@@ -10,17 +10,7 @@ import torch
 from statsmodels.duration.hazard_regression import PHReg
 
 from milbench import MilbenchError
-from milbench.survival import (
-    ce_loss,
-    cox_loss,
-    get_loss,
-    hazards_to_survival,
-    mdn_nll,
-    mdn_survival,
-    nll_loss,
-    risk_and_survival,
-    risk_from_logits,
-)
+from milbench.survival.losses import (ce_loss, cox_loss, get_loss, hazards_to_survival, mdn_nll, mdn_survival, nll_loss, risk_and_survival, risk_from_logits)
 
 
 def logit(p: list[float]) -> list[float]:

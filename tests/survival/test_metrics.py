@@ -18,17 +18,8 @@ from sksurv.metrics import (
 from sksurv.util import Surv
 
 from milbench import MilbenchError
-from milbench.survival import (
-    evaluation_times,
-    fit_bins,
-    fold_metrics,
-    harrell_c,
-    integrated_brier,
-    logrank_p,
-    survival_at,
-    td_auc,
-    uno_c,
-)
+from milbench.survival.metrics import (evaluation_times, fold_metrics, harrell_c, integrated_brier, logrank_p, survival_at, td_auc, uno_c)
+from milbench.survival.binning import fit_bins
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import milbench.synthetic
+import milbench.tasks.synthetic
 from milbench import MilbenchError
 from milbench.tasks.cohort import (SHIPPED_SPLITS, Cohort, load_splits_folder, load_table, resolve_cohort)
 from tests.data.files import clam_h5, grid, random_features, splits_folder, table_csv
@@ -163,7 +163,7 @@ def test_synthetic_names_resolve_through_builtin_cohort(tmp_path, monkeypatch):
     table_csv(folder / "cohort.csv", [{**r, "oracle_risk": 1.0} for r in rows()], index=False)
     splits_folder(folder / "splits", TWO_FOLDS)
     asked = []
-    monkeypatch.setattr(milbench.synthetic, "builtin_cohort", lambda name: asked.append(name) or folder)
+    monkeypatch.setattr(milbench.tasks.synthetic, "builtin_cohort", lambda name: asked.append(name) or folder)
     cohort = resolve_cohort("synthetic")
     assert cohort.name == "synthetic_mixed" and cohort.features_root == folder / "features"
     assert cohort.oracle_risk is not None and len(cohort.folds) == 2

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from milbench import MilbenchError
-from milbench.commands.splits import app
+from milbench.cli.splits import app
 from milbench.tasks import audit, site_folds, tcga
 from milbench.tasks.splits_import import write_site_folds
 from tests.tasks.test_tcga import SHARED, needs_shared

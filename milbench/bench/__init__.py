@@ -1,0 +1,1 @@
+"""`milbench bench`: training-step and epoch benchmarks, the reference data path timed beside milbench, the report."""

@@ -1,0 +1,5 @@
+"""`python -m milbench.cli`: the same as the `milbench` command."""
+
+from milbench.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""Options shared by the commands that train (`run`, `grid`, `benchmark`): one definition each, and their parsers."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from milbench import MilbenchError
+
+EXECUTOR = typer.Option("local", help="local (this process, or --max-parallel worker processes) | ray")
+RAY_ADDRESS = typer.Option(None, help="Ray cluster to join (e.g. auto); default: a local instance.")
+GPUS_PER_FOLD = typer.Option(None, help="Ray: GPUs per fold, fractions share a GPU (default 1 if the cluster has "
+                             "GPUs, else 0).")
+CPUS_PER_FOLD = typer.Option(1, help="CPU cores and torch threads per fold.")
+MAX_PARALLEL = typer.Option(None, help="Folds at once (local default 1; ray default: no limit).")
+RETRIES = typer.Option(2, help="Retries of a failed fold (bad input is never retried).")
+COMPILE = typer.Option(False, "--compile", help="CUDA: torch.compile each model's hot blocks (about a minute per "
+                       "model and worker; CrossFusion's step 12.6 -> 9.4 ms, docs/performance.md).")
+
+
+def parse_folds(text: Optional[str]) -> Optional[list[int]]:
+    """``0,1,2`` -> [0, 1, 2]; None or empty for every fold."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MilbenchError(f"--folds expects comma-separated integers such as 0,1,2, got '{text}'") from None
+
+
+def split_list(text: str | None, what: str) -> list[str]:
+    """``a,b,c`` -> ``["a", "b", "c"]``; an empty list is an error naming the option."""
+    items = [x.strip() for x in (text or "").split(",") if x.strip()]
+    if not items:
+        raise MilbenchError(f"{what} expects a comma-separated list, e.g. {what} a,b")
+    return items

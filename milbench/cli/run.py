@@ -1,0 +1,189 @@
+"""`milbench run`, `grid`, `benchmark` and `status`: build the fold jobs, drive them, print what happened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from milbench.cli.app import app, console
+from milbench.cli.options import (
+    COMPILE,
+    CPUS_PER_FOLD,
+    EXECUTOR,
+    GPUS_PER_FOLD,
+    MAX_PARALLEL,
+    RAY_ADDRESS,
+    RETRIES,
+    parse_folds,
+    split_list,
+)
+
+
+@app.command()
+def run(
+    model: list[str] = typer.Option(..., "--model", "-m", help="Registered model name; repeat for several."),
+    cohort: str = typer.Option(..., help="synthetic[_SCENARIO], tcga_* (or blca brca coad gbmlgg luad ucec), or TABLE.csv"),
+    splits: Optional[Path] = typer.Option(None, help="Folder of splits_{k}.csv (custom cohorts)."),
+    features: Optional[Path] = typer.Option(None, help="Features root (CLAM or TRIDENT layout)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone sub-folder of the features root, e.g. resnet50."),
+    folds: Optional[str] = typer.Option(None, help="Folds to run, e.g. 0,1 (default: all)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the recipe's)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the recipe's)."),
+    protocol: str = typer.Option("fixed", help="fixed | inner-val | best-val"),
+    seed: int = typer.Option(7, help="Random seed (the fold number is added per fold)."),
+    recipe: Optional[str] = typer.Option(None, help="paper | small (default: small for synthetic cohorts, else paper)."),
+    bins_on: str = typer.Option("train", help="Fit time bins on the training fold (train) or the whole cohort."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Run store."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    exclude_missing: bool = typer.Option(False, help="Drop slides without feature files (listed in the record)."),
+    save_checkpoints: bool = typer.Option(False, help="Keep each fold's model weights (for attention heatmaps)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option: key=value."),
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
+    cpus_per_fold: int = CPUS_PER_FOLD,
+    max_parallel: Optional[int] = MAX_PARALLEL,
+    compile_: bool = COMPILE,
+) -> None:
+    """Cross-validate models on a cohort; completed folds are skipped, each fold's record is stored."""
+    from milbench.config.run import parse_set
+    from milbench.runs.drive import drive
+    from milbench.runs.executors import check_executor
+    from milbench.runs.jobs import CohortSpec, build_jobs, plan
+
+    check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    spec = CohortSpec.of(cohort, splits, features, backbone, exclude_missing)
+    overrides = {"epochs": epochs, "lr": lr, "protocol": protocol, "seed": seed, "bins_on": bins_on, **parse_set(set_)}
+    jobs = build_jobs(model, [spec], parse_folds(folds), recipe, overrides)  # every input checked before training
+    the_cohort = spec.resolve()
+    recipe = jobs[0].cfg.recipe
+    todo, skipped = plan(jobs, runs_dir)
+    console.print(f"cohort [bold]{the_cohort.name}[/]: {len(the_cohort.patients)} patients, recipe {recipe}, "
+                  f"protocol {protocol}; {len(todo)} fold(s) to run, {skipped} already complete in {runs_dir}")
+    report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold,
+                   save_checkpoints=save_checkpoints, executor=executor, max_parallel=max_parallel,
+                   ray_address=ray_address, gpus_per_fold=gpus_per_fold, compile=compile_)
+    if skipped or report.count("trained"):
+        _print_leaderboard(runs_dir, cohorts={the_cohort.name}, models=set(model))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def grid(
+    models: str = typer.Option(..., help="Comma-separated model names, e.g. amil,transmil."),
+    cohorts: str = typer.Option(..., help="Comma-separated cohorts: synthetic_*, tcga_* names or TABLE.csv paths "
+                                "(a table beside splits/ and features/ folders uses them)."),
+    backbones: str = typer.Option("default", help="Comma-separated backbone folders of the features root "
+                                  "(built-in synthetic cohorts run only 'default')."),
+    folds: Optional[str] = typer.Option(None, help="Folds to run, e.g. 0,1 (default: all)."),
+    features: Optional[str] = typer.Option(None, help="Features root ROOT/<backbone>/x20/...; '{cohort}' in it is "
+                                           "replaced by each cohort's name."),
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
+    cpus_per_fold: int = CPUS_PER_FOLD,
+    max_parallel: Optional[int] = MAX_PARALLEL,
+    retries: int = RETRIES,
+    node_cache: Optional[Path] = typer.Option(None, help="Node-local folder: each node copies the feature files of "
+                                              "its folds there once and reads them from there."),
+    cache_gb: Optional[float] = typer.Option(None, help="Memory each worker may fill with cached slides (GiB; "
+                                             "default: no limit, every slide of its cohort stays in memory)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Run store (shared by all nodes)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the recipe's)."),
+    recipe: Optional[str] = typer.Option(None, help="paper | small (default: small for synthetic cohorts, else paper)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option: key=value."),
+    compile_: bool = COMPILE,
+) -> None:
+    """Train model x cohort x backbone x fold; resumable; two drivers on one store never train the same fold."""
+    from milbench.config.run import parse_set
+    from milbench.runs.drive import drive
+    from milbench.runs.executors import check_executor
+    from milbench.runs.jobs import build_jobs, grid_specs, plan
+
+    check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    names = split_list(models, "--models")
+    specs, notes = grid_specs(split_list(cohorts, "--cohorts"), split_list(backbones, "--backbones"), features)
+    jobs = build_jobs(names, specs, parse_folds(folds), recipe, {"epochs": epochs, **parse_set(set_)})
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    todo, skipped = plan(jobs, runs_dir)
+    pairs = len({(j.cfg.cohort, j.cfg.backbone) for j in jobs})
+    console.print(f"grid: {len(names)} model(s) x {pairs} cohort-backbone(s) = {len(jobs)} folds; {len(todo)} to run, "
+                  f"{skipped} already complete in {runs_dir}", highlight=False)
+    report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
+                   max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries,
+                   node_cache=node_cache, cache_gb=cache_gb, compile=compile_)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def benchmark(
+    config: Path = typer.Argument(..., help="Benchmark file, e.g. benchmarks/synthetic.toml."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's models (default: all)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's seeds (default: all)."),
+    dry_run: bool = typer.Option(False, help="Write the cohorts and print the plan; train nothing."),
+    executor: str = EXECUTOR,
+    ray_address: Optional[str] = RAY_ADDRESS,
+    gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
+    cpus_per_fold: int = CPUS_PER_FOLD,
+    max_parallel: Optional[int] = MAX_PARALLEL,
+    retries: int = RETRIES,
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    compile_: bool = COMPILE,
+) -> None:
+    """Run a benchmark file: write its synthetic cohorts, then every model x scenario x seed x fold (resumable)."""
+    from milbench.config.benchmark import load_spec
+    from milbench.runs.benchmark import benchmark_jobs, prepare_cohorts
+    from milbench.runs.drive import drive
+    from milbench.runs.executors import check_executor
+    from milbench.runs.jobs import plan
+
+    check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    spec = load_spec(config)
+    tables = prepare_cohorts(spec, lambda name, fresh: console.print(
+        f"cohort {name}: {'written' if fresh else 'present'} in {spec.data_dir / name}", highlight=False))
+    jobs = benchmark_jobs(spec, tables, split_list(models, "--models") if models else None,
+                          [int(s) for s in split_list(seeds, "--seeds")] if seeds else None)
+    todo, skipped = plan(jobs, spec.runs_dir)
+    console.print(f"benchmark {spec.name}: {len(jobs)} folds ({len({j.cfg.model for j in jobs})} models x "
+                  f"{len(spec.scenarios)} scenarios x {len({j.cfg.seed for j in jobs})} seeds x {spec.cohort.folds} "
+                  f"folds); "
+                  f"{len(todo)} to run, {skipped} already complete in {spec.runs_dir}", highlight=False)
+    if dry_run or not todo:
+        return
+    report = drive(jobs, todo, spec.runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
+                   max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries,
+                   compile=compile_)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    runs_dir: Path = typer.Option(Path("runs"), help="Run store of the grid."),
+    plan: Optional[str] = typer.Option(None, help="Plan id (default: the latest plan in the store)."),
+) -> None:
+    """Print the grid table (done / running / failed / pending, elapsed, ETA) of a grid running anywhere."""
+    from milbench.runs.status import print_status
+
+    print_status(console, runs_dir, plan)
+
+
+def _print_leaderboard(runs_dir: Path, cohorts: set[str] | None = None, models: set[str] | None = None):
+    """C-index per cell (no bootstrap: quick), printed after a run."""
+    from milbench.cli.leaderboard import print_cells
+    from milbench.report.aggregate import fold_table, summary
+
+    cells = summary(fold_table(runs_dir))
+    shown = cells
+    if cohorts:
+        shown = shown[shown.cohort.isin(cohorts)]
+    if models:
+        shown = shown[shown.model.isin(models)]
+    print_cells(shown, "c_index")
+    return cells

@@ -1,0 +1,168 @@
+"""Fit and evaluate one fold: the only place that trains a model.
+
+Recipe (DESIGN.md): Adam, one bag per step with gradient accumulation, warm-up epochs before any epoch can be
+selected, bf16 autocast on CUDA. The loop itself is :mod:`milbench.training.steps`; the protocols and labels are
+:mod:`milbench.training.protocols`; speed comes from :mod:`milbench.training.device` (bags kept on the GPU) and
+:mod:`milbench.accel` (CUDA graphs of whole steps for models whose card allows them, ``compile=True`` for the
+card's compiled blocks). The record says what was trained, how, on what, and what it scored.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from milbench.accel.compile import compile_blocks
+from milbench.accel.graphs import StepGraphs, can_graph
+from milbench.accel.rewrites import accelerate
+from milbench.config.run import RunConfig
+from milbench.data.cache import FeatureCache
+from milbench.models.registry import create_model, get_card
+from milbench.survival.binning import fit_bins
+from milbench.survival.losses import get_loss, risk_and_survival
+from milbench.survival.metrics import fold_metrics, logrank_p
+from milbench.tasks.cohort import Cohort
+from milbench.training.contracts import has_priors, head_kind, policies
+from milbench.training.datasets import BagDataset
+from milbench.training.device import DeviceBags, DeviceBagStore, default_amp, resolve_device, to_device
+from milbench.training.protocols import Labels, c_or_nan, inner_split, sample_order
+from milbench.training.provenance import environment, peak_memory
+from milbench.training.steps import ProgressFn, check_pack, predict, train_epoch
+
+
+@dataclass
+class FoldResult:
+    """A trained fold: its record, its held-out predictions, and (when asked) its weights."""
+
+    record: dict[str, Any]
+    predictions: pd.DataFrame
+    state_dict: dict[str, torch.Tensor] | None = None  # the scored model's weights, kept when asked
+
+
+def seed_everything(seed: int) -> None:
+    """Seed numpy's and torch's global generators (model initialisation, dropout)."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
+             cache: FeatureCache | None = None, progress: ProgressFn | None = None,
+             keep_weights: bool = False, compile: bool = False, graphs: bool = True) -> FoldResult:
+    """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients.
+
+    ``compile=True`` compiles the blocks its card names on CUDA (the same function, faster; see
+    docs/performance.md); it is an execution option like the device, not part of the config, as is ``graphs``:
+    on CUDA, one bag per step, a per-bag loss and a model that whose card allows CUDA graphs, each bag's training step
+    is recorded as a CUDA graph and replayed in later epochs (:mod:`milbench.accel.graphs`). The risk is read from
+    the model's head (:func:`milbench.survival.losses.risk_and_survival`); predictions get ``surv_k`` columns only
+    when the head has a survival curve (not cox, whose IBS is then NaN).
+    """
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    seed_everything(cfg.seed + fold)
+    card = get_card(cfg.model)
+    train_ids, test_ids = cohort.folds[fold]
+    cache = cache or FeatureCache()
+
+    bin_ids = cohort.patients.index.tolist() if cfg.bins_on == "cohort" else train_ids
+    edges = fit_bins(*cohort.labels(bin_ids), n_bins=cfg.n_bins)
+    train = Labels(cohort, train_ids, edges)
+    select_ids: list[str] = []
+    if cfg.protocol == "inner-val":
+        fit_ids, select_ids = inner_split(train.case_ids, train.event, train.bins, cfg.inner_val_fraction, cfg.seed)
+        fitting = Labels(cohort, fit_ids, edges)
+    else:
+        fitting = train
+    test = Labels(cohort, test_ids, edges)
+    if cfg.protocol == "best-val":
+        select_ids = test_ids
+
+    fit_data = BagDataset(cohort, fitting.case_ids, card.scales, card=card, cache=cache)
+    test_data = BagDataset(cohort, test_ids, card.scales, card=card, cache=cache)
+    select_data = BagDataset(cohort, select_ids, card.scales, card=card, cache=cache) if select_ids else None
+    select_labels = Labels(cohort, select_ids, edges) if select_ids else None
+
+    model = create_model(cfg.model, in_dim=fit_data.in_dim, n_bins=cfg.n_bins, **cfg.model_options).to(dev)
+    accelerate(model)
+    head = head_kind(model)
+    loss_fn = get_loss(cfg.loss, alpha=cfg.alpha, head=head)
+    check_pack(model, cfg.model, cfg.pack, cfg.grad_accum, loss_fn)
+    if compile and dev.type == "cuda":
+        compile_blocks(model)
+    store = DeviceBagStore(dev, dtype=default_amp(dev) if cfg.pack > 1 else None)
+    step_graphs = (StepGraphs(model, dev) if graphs and can_graph(model, dev) and cfg.pack == 1
+                   and not loss_fn.needs_batch and not loss_fn.needs_time else None)
+    if has_priors(model):
+        model.fit_priors([to_device(fit_data[i], dev) for i in range(len(fit_data))])
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + fold)
+    y_all = torch.as_tensor(fitting.bins, dtype=torch.long).to(dev)
+    c_all = torch.as_tensor(1 - fitting.event, dtype=torch.float32).to(dev)
+    t_all = torch.as_tensor(fitting.time, dtype=torch.float32).to(dev)
+    fit_bags = DeviceBags(fit_data, store)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    best = {"score": -np.inf, "epoch": cfg.epochs - 1, "state": None}
+    history: list[dict[str, float]] = []
+    t_train = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = sample_order(fitting, cfg.sampler, gen)
+        total = train_epoch(model, fit_bags, order, y_all, c_all, loss_fn, optim, cfg.grad_accum, cfg.pack,
+                            default_amp(dev), progress, t_all, step_graphs)
+        entry = {"epoch": epoch, "train_loss": float(total) / max(1, len(order))}
+        if select_data is not None and epoch >= cfg.warmup_epochs:
+            risk, _ = risk_and_survival(head, predict(model, select_data, dev, store), edges)
+            score = c_or_nan(select_labels.time, select_labels.event, risk)
+            entry["selection_c_index"] = score
+            if score > best["score"]:  # NaN (no comparable pair) never wins: the last epoch is kept
+                best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        history.append(entry)
+        if progress:
+            progress("epoch", epoch + 1, cfg.epochs)
+    train_seconds = time.perf_counter() - t_train
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+
+    t_eval = time.perf_counter()
+    test_risk, test_surv = risk_and_survival(head, predict(model, test_data, dev, store), edges)
+    train_data = BagDataset(cohort, train_ids, card.scales, card=card, cache=cache)
+    train_risk, _ = risk_and_survival(head, predict(model, train_data, dev, store), edges)
+    cutoff = float(np.median(train_risk))
+    metrics = fold_metrics(train.time, train.event, test.time, test.event, test_risk, test_surv, edges)
+    metrics["logrank_p"] = logrank_p(test.time, test.event, test_risk, cutoff)
+    if cohort.oracle_risk is not None:
+        metrics["oracle_c_index"] = c_or_nan(test.time, test.event, cohort.oracle_risk.loc[test_ids].to_numpy())
+    eval_seconds = time.perf_counter() - t_eval
+
+    predictions = pd.DataFrame({"case_id": test_ids, "time": test.time, "event": test.event.astype(int),
+                                "risk": test_risk, "fold": fold, "bin": test.bins, "train_median_risk": cutoff})
+    for k in range(0 if test_surv is None else test_surv.shape[1]):  # a cox head has no survival curve
+        predictions[f"surv_{k}"] = test_surv[:, k]
+    record = {
+        "config": cfg.to_dict(), "config_hash": cfg.hash, "protocol": cfg.protocol, "fold": fold,
+        "cohort": cfg.cohort, "model": cfg.model, "backbone": cfg.backbone,
+        "train_labels": {"case_id": train.case_ids, "time": train.time.tolist(),
+                         "event": train.event.astype(int).tolist()},  # lets leaderboards recompute Uno C, IBS, td-AUC
+        "n_train": len(train_ids), "n_fit": len(fitting.case_ids), "n_select": len(select_ids), "n_test": len(test_ids),
+        "in_dim": fit_data.in_dim, "bin_edges": edges.tolist(), "selected_epoch": best["epoch"], "history": history,
+        "metrics": metrics, "n_params": sum(p.numel() for p in model.parameters()),
+        "timings": {"train_s": train_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - t_start,
+                    "s_per_epoch": train_seconds / cfg.epochs},
+        "peak_memory_bytes": peak_memory(dev),
+        "excluded_slides": list(getattr(cohort, "excluded", []) or []),
+        "head": head,
+        "policies": policies(model),
+        "execution": {"compile": bool(compile and dev.type == "cuda"),
+                      "cuda_graphs": step_graphs.stats() if step_graphs else None},
+        "environment": environment(dev),
+    }
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()} if keep_weights else None
+    return FoldResult(record, predictions, weights)
