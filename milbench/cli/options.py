@@ -14,6 +14,8 @@ GPUS_PER_FOLD = typer.Option(None, help="Ray: GPUs per fold, fractions share a G
                              "GPUs, else 0).")
 CPUS_PER_FOLD = typer.Option(1, help="CPU cores and torch threads per fold.")
 MAX_PARALLEL = typer.Option(None, help="Folds at once (local default 1; ray default: no limit).")
+NO_WAIT = typer.Option(False, "--no-wait", help="Leave folds that another process holds (exit 3) instead of waiting "
+                       "for them.")
 RETRIES = typer.Option(2, help="Retries of a failed fold (bad input is never retried).")
 COMPILE = typer.Option(False, "--compile", help="CUDA: torch.compile each model's hot blocks (about a minute per "
                        "model and worker; CrossFusion's step 12.6 -> 9.4 ms, docs/performance.md).")
@@ -35,3 +37,27 @@ def split_list(text: str | None, what: str) -> list[str]:
     if not items:
         raise MilbenchError(f"{what} expects a comma-separated list, e.g. {what} a,b")
     return items
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that cannot run, before any work: an unknown name, or CUDA without a visible GPU."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise MilbenchError(f"--device {device}: use auto, cpu or cuda")
+    if device == "cuda":
+        from milbench.training.device import resolve_device
+
+        resolve_device(device)
+
+
+def finish(jobs: list, runs_dir, report) -> None:
+    """End a command that trained folds: exit 0 only when every requested fold has a record (see
+    :func:`milbench.runs.drive.verdict`), else print why on stderr and exit 1 or 3."""
+    import sys
+
+    from milbench.runs.drive import verdict
+
+    code, line = verdict(jobs, runs_dir, report)
+    if line:
+        sys.stderr.write(f"error: {line}\n")
+    if code:
+        raise typer.Exit(code)

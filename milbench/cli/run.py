@@ -14,8 +14,11 @@ from milbench.cli.options import (
     EXECUTOR,
     GPUS_PER_FOLD,
     MAX_PARALLEL,
+    NO_WAIT,
     RAY_ADDRESS,
     RETRIES,
+    check_device,
+    finish,
     parse_folds,
     split_list,
 )
@@ -46,6 +49,7 @@ def run(
     cpus_per_fold: int = CPUS_PER_FOLD,
     max_parallel: Optional[int] = MAX_PARALLEL,
     compile_: bool = COMPILE,
+    no_wait: bool = NO_WAIT,
 ) -> None:
     """Cross-validate models on a cohort; completed folds are skipped, each fold's record is stored."""
     from milbench.config.run import parse_set
@@ -54,6 +58,7 @@ def run(
     from milbench.runs.jobs import CohortSpec, build_jobs, plan
 
     check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    check_device(device)
     spec = CohortSpec.of(cohort, splits, features, backbone, exclude_missing)
     overrides = {"epochs": epochs, "lr": lr, "protocol": protocol, "seed": seed, "bins_on": bins_on, **parse_set(set_)}
     jobs = build_jobs(model, [spec], parse_folds(folds), recipe, overrides)  # every input checked before training
@@ -64,11 +69,10 @@ def run(
                   f"protocol {protocol}; {len(todo)} fold(s) to run, {skipped} already complete in {runs_dir}")
     report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold,
                    save_checkpoints=save_checkpoints, executor=executor, max_parallel=max_parallel,
-                   ray_address=ray_address, gpus_per_fold=gpus_per_fold, compile=compile_)
+                   ray_address=ray_address, gpus_per_fold=gpus_per_fold, compile=compile_, wait=not no_wait)
     if skipped or report.count("trained"):
         _print_leaderboard(runs_dir, cohorts={the_cohort.name}, models=set(model))
-    if report.failed:
-        raise typer.Exit(1)
+    finish(jobs, runs_dir, report)
 
 
 @app.command()
@@ -97,6 +101,7 @@ def grid(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option: key=value."),
     compile_: bool = COMPILE,
+    no_wait: bool = NO_WAIT,
 ) -> None:
     """Train model x cohort x backbone x fold; resumable; two drivers on one store never train the same fold."""
     from milbench.config.run import parse_set
@@ -105,6 +110,7 @@ def grid(
     from milbench.runs.jobs import build_jobs, grid_specs, plan
 
     check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    check_device(device)
     names = split_list(models, "--models")
     specs, notes = grid_specs(split_list(cohorts, "--cohorts"), split_list(backbones, "--backbones"), features)
     jobs = build_jobs(names, specs, parse_folds(folds), recipe, {"epochs": epochs, **parse_set(set_)})
@@ -116,9 +122,8 @@ def grid(
                   f"{skipped} already complete in {runs_dir}", highlight=False)
     report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
                    max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries,
-                   node_cache=node_cache, cache_gb=cache_gb, compile=compile_)
-    if report.failed:
-        raise typer.Exit(1)
+                   node_cache=node_cache, cache_gb=cache_gb, compile=compile_, wait=not no_wait)
+    finish(jobs, runs_dir, report)
 
 
 @app.command()
@@ -135,6 +140,7 @@ def benchmark(
     retries: int = RETRIES,
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     compile_: bool = COMPILE,
+    no_wait: bool = NO_WAIT,
 ) -> None:
     """Run a benchmark file: write its synthetic cohorts, then every model x scenario x seed x fold (resumable)."""
     from milbench.config.benchmark import load_spec
@@ -144,6 +150,7 @@ def benchmark(
     from milbench.runs.jobs import plan
 
     check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
+    check_device(device)
     spec = load_spec(config)
     tables = prepare_cohorts(spec, lambda name, fresh: console.print(
         f"cohort {name}: {'written' if fresh else 'present'} in {spec.data_dir / name}", highlight=False))
@@ -158,9 +165,8 @@ def benchmark(
         return
     report = drive(jobs, todo, spec.runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
                    max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries,
-                   compile=compile_)
-    if report.failed:
-        raise typer.Exit(1)
+                   compile=compile_, wait=not no_wait)
+    finish(jobs, spec.runs_dir, report)
 
 
 @app.command()

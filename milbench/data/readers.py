@@ -21,8 +21,8 @@ from milbench.data.bag import SCALES
 
 # Whole-slide-image extensions a table's slide_id may carry; feature files are named without them.
 WSI_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".tiff", ".tif", ".scn", ".czi", ".bif", ".vms")
-_READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError)
-_FIX = "re-extract it or remove the slide from the table"
+READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError)
+FIX = "re-extract it or remove the slide from the table"
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def find_feature_file(root: str | Path, scale: str | int, slide_id: str, backbon
     )
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:120]}" if text else type(err).__name__
 
@@ -119,21 +119,21 @@ def _load_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         with h5py.File(path, "r") as f:
             if not isinstance(f.get("features"), h5py.Dataset):
                 held = ", ".join(f.keys()) or "nothing"
-                raise MilbenchError(f"{path} has no 'features' dataset (it has: {held}): {_FIX}")
+                raise MilbenchError(f"{path} has no 'features' dataset (it has: {held}): {FIX}")
             coords = f["coords"][()] if isinstance(f.get("coords"), h5py.Dataset) else None
             return f["features"][()], coords
-    except _READ_ERRORS as err:
-        raise MilbenchError(f"cannot read {path} ({_one_line(err)}): {_FIX}") from err
+    except READ_ERRORS as err:
+        raise MilbenchError(f"cannot read {path} ({one_line(err)}): {FIX}") from err
 
 
 def _load_pt(path: Path) -> tuple[object, object | None]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except _READ_ERRORS as err:
-        raise MilbenchError(f"cannot read {path} ({_one_line(err)}): {_FIX}") from err
+    except READ_ERRORS as err:
+        raise MilbenchError(f"cannot read {path} ({one_line(err)}): {FIX}") from err
     if isinstance(obj, dict):  # some extractors save {"features": ..., "coords": ...}
         if "features" not in obj:
-            raise MilbenchError(f"{path} holds a dict without 'features' (keys: {', '.join(map(str, obj))}): {_FIX}")
+            raise MilbenchError(f"{path} holds a dict without 'features' (keys: {', '.join(map(str, obj))}): {FIX}")
         return obj["features"], obj.get("coords")
     return obj, None
 
@@ -144,7 +144,7 @@ def _as_tensor(values: object, what: str, path: Path) -> torch.Tensor:
     else:
         array = np.asarray(values)
         if array.dtype.kind not in "fiu":
-            raise MilbenchError(f"{what} in {path} are not numbers (dtype {array.dtype}): {_FIX}")
+            raise MilbenchError(f"{what} in {path} are not numbers (dtype {array.dtype}): {FIX}")
         tensor = torch.from_numpy(array)
     while tensor.ndim == 3 and tensor.shape[0] == 1:  # TRIDENT and some pt files keep a batch axis
         tensor = tensor[0]
@@ -154,26 +154,26 @@ def _as_tensor(values: object, what: str, path: Path) -> torch.Tensor:
 def _validate(features: object, coords: object | None, path: Path) -> SlideFeatures:
     feats = _as_tensor(features, "features", path)
     if feats.ndim != 2:
-        raise MilbenchError(f"features in {path} have shape {tuple(feats.shape)}, expected [patches, dim]: {_FIX}")
+        raise MilbenchError(f"features in {path} have shape {tuple(feats.shape)}, expected [patches, dim]: {FIX}")
     if feats.shape[0] == 0 or feats.shape[1] == 0:
-        raise MilbenchError(f"{path} has zero patches (features shape {tuple(feats.shape)}): {_FIX}")
+        raise MilbenchError(f"{path} has zero patches (features shape {tuple(feats.shape)}): {FIX}")
     if feats.is_floating_point():
         bad = ~torch.isfinite(feats).all(dim=1)
         if bad.any():
             raise MilbenchError(f"{path} has NaN or infinite features in {int(bad.sum())} of {feats.shape[0]} "
-                                f"patches: {_FIX}")
+                                f"patches: {FIX}")
     half = feats.to(torch.float16)
     if feats.dtype != torch.float16 and not torch.isfinite(half).all():
-        raise MilbenchError(f"{path} has feature values beyond half precision (|x| > 65504): rescale them or {_FIX}")
+        raise MilbenchError(f"{path} has feature values beyond half precision (|x| > 65504): rescale them or {FIX}")
     xy = None
     if coords is not None:
         xy = _as_tensor(coords, "coords", path)
         if xy.ndim != 2 or xy.shape[1] != 2:
-            raise MilbenchError(f"coords in {path} have shape {tuple(xy.shape)}, expected [patches, 2]: {_FIX}")
+            raise MilbenchError(f"coords in {path} have shape {tuple(xy.shape)}, expected [patches, 2]: {FIX}")
         if xy.shape[0] != feats.shape[0]:
-            raise MilbenchError(f"{path} has {xy.shape[0]} coords but {feats.shape[0]} feature rows: {_FIX}")
+            raise MilbenchError(f"{path} has {xy.shape[0]} coords but {feats.shape[0]} feature rows: {FIX}")
         if xy.is_floating_point() and not torch.isfinite(xy).all():
-            raise MilbenchError(f"{path} has NaN or infinite coords: {_FIX}")
+            raise MilbenchError(f"{path} has NaN or infinite coords: {FIX}")
         xy = xy.round().long() if xy.is_floating_point() else xy.long()
     return SlideFeatures(features=half, coords=xy, path=path)
 

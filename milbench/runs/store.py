@@ -101,6 +101,18 @@ def is_complete(runs_dir: Path, cfg: RunConfig, fold: int) -> bool:
     return (fold_dir(runs_dir, cfg, fold) / RECORD).is_file()
 
 
+def find_record(runs_dir: Path, cfg: RunConfig, fold: int) -> Path | None:
+    """The record of this experiment's fold: in its own folder, or, for a configuration with input fingerprints,
+    under another cohort name (the same table, splits and features renamed are the same experiment)."""
+    own = fold_dir(runs_dir, cfg, fold) / RECORD
+    if own.is_file():
+        return own
+    if cfg.inputs:
+        pattern = f"*/{cfg.backbone}/{cfg.model}/{cfg.protocol}-{cfg.hash}/fold_{fold}/{RECORD}"
+        return next(iter(sorted(Path(runs_dir).glob(pattern))), None)
+    return None
+
+
 def write_fold(runs_dir: Path, cfg: RunConfig, fold: int, record: dict[str, Any], predictions: pd.DataFrame,
                state_dict: dict[str, Any] | None = None) -> Path:
     """Write record, predictions (and the model's weights when given) into a temporary folder, then move it

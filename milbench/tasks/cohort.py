@@ -158,6 +158,10 @@ def load_splits_folder(folder: str | Path) -> Folds:
     if not files:
         raise MilbenchError(f"{folder} has no splits_<k>.csv files: pass the folder that holds splits_0.csv, "
                             f"splits_1.csv, ...")
+    gaps = [k for k in range(max(files)) if k not in files]
+    if gaps:
+        raise MilbenchError(f"{folder} has no splits_{gaps[0]}.csv but has splits_{max(files)}.csv: add the missing "
+                            f"fold file (or renumber the files from 0), so no fold is silently left out")
     return {k: _read_split(files[k]) for k in sorted(files)}
 
 
