@@ -21,11 +21,17 @@ class Traits:
     replayed (:mod:`milbench.accel.graphs`). ``autocast_inputs``: the features enter an autocast op first, so they
     are fed in their stored half precision (:func:`milbench.training.device.model_input`). ``compiled_blocks``:
     class names of the heavy, repeated blocks that ``--compile`` compiles (:mod:`milbench.accel.compile`).
+    ``gpu_fraction``: the share of one GPU a fold asks for on Ray by default (``--gpus-per-fold`` overrides it); the
+    fold keeps its allocations within it. 0.25 where a step at the paper's largest bag (137,990 patches, width 2048)
+    peaks at about 3 GiB or less and the step is launch-bound (AMIL 2.8 GiB and under 5 ms on an H200, DSMIL,
+    MuSTMIL, ZoomMIL: docs/performance.md), so four folds share a GPU; 0.5 for the graph and clustering models
+    (9-13 GiB at that bag); 1 for TransMIL and the CrossFusion family, whose steps keep a GPU busy (device-bound).
     """
 
     cuda_graphs: bool = False
     autocast_inputs: bool = False
     compiled_blocks: tuple[str, ...] = ()
+    gpu_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         scales=("20x",),
         reference_params={1024: 789_765, 2048: 1_314_053},
         description="gated attention pooling over 20x patches (CrossFusion-repo variant; variant=patchgcn for Patch-GCN's)",
-        traits=Traits(cuda_graphs=True, autocast_inputs=True),
+        traits=Traits(gpu_fraction=0.25, cuda_graphs=True, autocast_inputs=True),
     ),
     ModelCard(
         name="dsmil",
@@ -73,7 +79,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         reference_params={1024: 168_200, 2048: 319_752},
         description="max-instance critical patch per time bin queries all 20x patches (CrossFusion-repo variant, "
                     "plus the max-instance loss; instance_loss=False for the reference's untrained instance stream)",
-        traits=Traits(cuda_graphs=True),
+        traits=Traits(gpu_fraction=0.25, cuda_graphs=True),
     ),
     ModelCard(
         name="transmil",
@@ -99,6 +105,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         graph_k=8,
         reference_params={1024: 790_021, 2048: 1_052_165},
         description="3x GINConv on a feature-space kNN graph (k=8, the published DGC runs) + gated attention pooling",
+        traits=Traits(gpu_fraction=0.5),
     ),
     ModelCard(
         name="patchgcn",
@@ -112,6 +119,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         graph_k=8,
         reference_params={1024: 1_383_304, 2048: 1_514_376},
         description="3x GENConv (softmax aggregation, DeepGCN res blocks) on a spatial kNN graph (k=8) + gated attention",
+        traits=Traits(gpu_fraction=0.5),
     ),
     ModelCard(
         name="scmil",
@@ -125,6 +133,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         description="SoftFilter, k-means windows on features+coords with local self-attention, gated attention "
                     "pooling; builds the reference's used weights only (4,990,214 @1024, 18,367,750 @2048); head=mdn "
                     "for the official mixture-density head",
+        traits=Traits(gpu_fraction=0.5),
     ),
     ModelCard(
         name="protosurv",
@@ -138,6 +147,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         graph_k=4,
         reference_params={1024: 52_987_779, 2048: 73_568_131},
         description="GENConv GNN + 40 tissue-type prototypes (k-means priors on the training fold), cross-attention fusion",
+        traits=Traits(gpu_fraction=0.5),
     ),
     ModelCard(
         name="crossfusion",
@@ -185,6 +195,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         group="multi_scale",
         reference_params={1024: 2_891_017, 2048: 4_463_881},
         description="gated attention per magnification + perturbed top-k zoom 5x->10x->20x (k=12)",
+        traits=Traits(gpu_fraction=0.25),
     ),
     ModelCard(
         name="mustmil",
@@ -197,6 +208,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         group="multi_scale",
         reference_params={1024: 304_344, 2048: 566_488},
         description="per-scale attention branches + joint attention on paired 10x/5x rows (E=128, D=64)",
+        traits=Traits(gpu_fraction=0.25),
     ),
     ModelCard(
         name="csmil",
@@ -208,6 +220,7 @@ BUILTIN_CARDS: tuple[ModelCard, ...] = (
         group="multi_scale",
         reference_params={1024: 72_038, 2048: 137_574},
         description="shared embedding of each 20x patch and its 10x/5x parents, cross-scale attention, attention pooling",
+        traits=Traits(gpu_fraction=0.5),
     ),
 )
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from milbench.files import write_json
 from milbench.runs.store import run_dir
 
 if TYPE_CHECKING:
@@ -41,6 +42,24 @@ def claim_path(runs_dir: Path, cfg: RunConfig, fold: int) -> Path:
 
 def failure_path(runs_dir: Path, cfg: RunConfig, fold: int) -> Path:
     return run_dir(runs_dir, cfg) / f"fold_{fold}.failed"
+
+
+def resume_path(runs_dir: Path, cfg: RunConfig, fold: int) -> Path:
+    """The fold's end-of-epoch checkpoint (:func:`milbench.training.fold.save_resume`), removed with its record."""
+    return run_dir(runs_dir, cfg) / f"fold_{fold}.resume.pt"
+
+
+def progress_path(claim: Path) -> Path:
+    """Beside a claim: the epoch its holder has reached (``fold_<k>.progress``), removed with the claim."""
+    return claim.with_name(claim.name.removesuffix(".claim") + ".progress")
+
+
+def read_progress(claim: Path) -> dict | None:
+    """``{"epoch", "epochs", "started", "time", "resumed_after"}`` written by the claim's holder, or None."""
+    try:
+        return json.loads(progress_path(claim).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _read(path: str) -> str | None:
@@ -191,7 +210,14 @@ class Claim:
 
     def release(self) -> None:
         if self.owned():
+            progress_path(self.path).unlink(missing_ok=True)
             self.path.unlink(missing_ok=True)
+
+    def note_progress(self, epoch: int, epochs: int, started: float, resumed_after: int | None = None) -> None:
+        """Record the epoch reached (atomically, beside the claim) for `milbench status` on any machine."""
+        if self.owned():
+            write_json(progress_path(self.path), {"epoch": epoch, "epochs": epochs, "started": started,
+                                                  "time": time.time(), "resumed_after": resumed_after})
 
     @contextmanager
     def heartbeat(self, every: float = HEARTBEAT_S) -> Iterator[None]:

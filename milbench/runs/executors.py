@@ -1,8 +1,19 @@
 """Run fold jobs on an executor (this process, N local worker processes, or Ray), with claims and retries.
 
 Every fold is trained by :func:`run_fold`, in whichever process or node the executor picks: it claims the fold,
-resolves the cohort itself, trains, writes its own record into the shared store atomically and releases the claim.
-The driver writes nothing into the store but the plan (:mod:`milbench.runs.plan`).
+resolves the cohort itself, trains (checkpointing every epoch beside the fold, so that a fold interrupted by a node
+loss, a driver death or Ctrl-C resumes at its last epoch), notes its epoch beside its claim, and releases the claim.
+Under :func:`execute` the trained fold (record, predictions, weights when asked) comes back to the driver, which
+writes it into the store (:func:`deliver`): a node that could not write there loses nothing, and the driver knows
+what it wrote. Jobs go out longest first (:mod:`milbench.runs.schedule`).
+
+Local worker processes die with the driver (``PR_SET_PDEATHSIG`` on Linux, and a watch on their parent's PID
+everywhere), so a killed driver leaves no worker training on, holding memory and claims. Ray tasks are tied to their
+driver by Ray itself; the Ray session is :mod:`milbench.runs.ray_session`.
+
+GPU shares: a Ray fold asks for ``--gpus-per-fold`` or, by default, its model card's ``traits.gpu_fraction`` of a
+GPU, and keeps its allocations within that share (:func:`milbench.training.device.memory_share`); a fold out of
+memory is retried at twice its share (up to one GPU), never at the same share.
 
 Threads: CPU results depend on the torch thread count (the order of float reductions), so every executor sets it to
 ``cpus_per_fold`` (default 1) for each fold: the same seeds give the same results everywhere.
@@ -10,14 +21,15 @@ Threads: CPU results depend on the torch thread count (the order of float reduct
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
-import json
-import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import traceback
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,11 +44,13 @@ from milbench.files import atomic_copy, write_json
 from milbench.data.cache import FeatureCache
 from milbench.data.readers import locate_feature_file
 from milbench.models.registry import get_card
-from milbench.runs.claims import Claim, ClaimInfo, claim_path, failure_path, process_id
+from milbench.runs.claims import Claim, ClaimInfo, claim_path, failure_path, process_id, resume_path
 from milbench.runs.jobs import CohortSpec, FoldJob, RunOptions
+from milbench.runs.schedule import longest_first
 from milbench.runs.store import is_complete, run_dir, write_fold
 from milbench.tasks.cohort import Cohort
-from milbench.training.fold import fit_fold
+from milbench.training.device import memory_share, resolve_device
+from milbench.training.fold import FoldResult, fit_fold
 from milbench.training.steps import ProgressFn
 
 EXECUTORS = ("local", "ray")
@@ -55,6 +69,9 @@ class Outcome:
     error: str = ""
     retryable: bool = False
     will_retry: bool = False
+    oom: bool = False  # out of GPU memory: retried at a larger share only
+    gpu_fraction: float | None = None  # the share of a GPU the attempt ran with (Ray)
+    result: FoldResult | None = None  # the trained fold, on its way to the driver (which writes it and drops it)
 
 
 _WORKER: dict[str, Any] = {}  # the cohort this process trained last, with its feature cache
@@ -106,10 +123,36 @@ def _write_failure(path: Path, attempt: int, err: BaseException) -> None:
     write_json(path, body)
 
 
-def run_fold(job: FoldJob, opts: RunOptions, attempt: int = 0, progress: ProgressFn | None = None) -> Outcome:
-    """Claim, train, store and release one fold; any error becomes a failed outcome (retryable unless bad input)."""
+def _resumed_epoch(path: Path) -> int | None:
+    """The last epoch of the checkpoint at ``path`` (read lazily: its tensors stay on disk), or None."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:
+        return None
+
+
+def _noting(claim: Claim, ckpt: Path, progress: ProgressFn | None) -> ProgressFn:
+    """``progress``, plus the epoch reached written beside ``claim`` (what `milbench status` shows)."""
+    started, resumed = time.time(), _resumed_epoch(ckpt) if ckpt.is_file() else None
+
+    def note(stage: str, done: int, total: int) -> None:
+        if stage == "epoch":
+            claim.note_progress(done, total, started, resumed)
+        if progress:
+            progress(stage, done, total)
+
+    return note
+
+
+def run_fold(job: FoldJob, opts: RunOptions, attempt: int = 0, progress: ProgressFn | None = None,
+             deliver: bool = False, gpu_fraction: float | None = None) -> Outcome:
+    """Claim, train, store and release one fold; any error becomes a failed outcome (retryable unless bad input, or
+    out of memory at a whole GPU). With ``deliver`` the trained fold is not written but returned in the outcome
+    (:func:`deliver` writes it where the driver runs). ``gpu_fraction``: the share of the GPU the fold was given."""
     runs = Path(opts.runs_dir)
+    ckpt = resume_path(runs, job.cfg, job.fold)
     if is_complete(runs, job.cfg, job.fold):
+        ckpt.unlink(missing_ok=True)
         return Outcome(job, "complete", attempt)
     claim = Claim.acquire(claim_path(runs, job.cfg, job.fold), opts.stale_after, opts.driver, attempt)
     if isinstance(claim, ClaimInfo):
@@ -121,22 +164,48 @@ def run_fold(job: FoldJob, opts: RunOptions, attempt: int = 0, progress: Progres
         for leftover in run_dir(runs, job.cfg).glob(f".tmp-fold_{job.fold}-*"):  # a killed holder's
             shutil.rmtree(leftover, ignore_errors=True)
         try:
-            with _torch_threads(opts.threads):
+            with _torch_threads(opts.threads), memory_share(resolve_device(opts.device), gpu_fraction):
                 cohort, cache = _worker_cohort(job.cohort, opts.cache_bytes)
                 if opts.node_cache:
                     cohort = stage_features(cohort, job, Path(opts.node_cache))
-                result = fit_fold(cohort, job.cfg, job.fold, device=opts.device, cache=cache, progress=progress,
-                                  keep_weights=opts.save_checkpoints, compile=opts.compile)
-            if is_complete(runs, job.cfg, job.fold):  # trained twice after all (see the module notes): keep the first
-                return Outcome(job, "complete", attempt)
-            write_fold(runs, job.cfg, job.fold, result.record, result.predictions, result.state_dict)
-            failure_path(runs, job.cfg, job.fold).unlink(missing_ok=True)
+                result = fit_fold(cohort, job.cfg, job.fold, device=opts.device, cache=cache,
+                                  progress=_noting(claim, ckpt, progress), keep_weights=opts.save_checkpoints,
+                                  compile=opts.compile, resume_path=ckpt, gpu_fraction=gpu_fraction)
+            if not deliver:
+                if is_complete(runs, job.cfg, job.fold):  # trained twice after all (module notes): keep the first
+                    return Outcome(job, "complete", attempt)
+                write_fold(runs, job.cfg, job.fold, result.record, result.predictions, result.state_dict)
+                failure_path(runs, job.cfg, job.fold).unlink(missing_ok=True)
+                ckpt.unlink(missing_ok=True)
         except Exception as err:  # reported to the driver, which retries or lists it; the grid goes on
             _write_failure(failure_path(runs, job.cfg, job.fold), attempt, err)
+            oom = isinstance(err, torch.cuda.OutOfMemoryError)
             return Outcome(job, "failed", attempt, time.perf_counter() - t0, error=f"{type(err).__name__}: {err}",
-                           retryable=not isinstance(err, MilbenchError))
+                           retryable=not isinstance(err, MilbenchError) and not (oom and (gpu_fraction or 1.0) >= 1.0),
+                           oom=oom, gpu_fraction=gpu_fraction)
     metrics = {k: float(v) for k, v in result.record["metrics"].items() if k in ("c_index", "oracle_c_index")}
-    return Outcome(job, "trained", attempt, result.record["timings"]["total_s"], metrics)
+    return Outcome(job, "trained", attempt, result.record["timings"]["total_s"], metrics, gpu_fraction=gpu_fraction,
+                   result=result if deliver else None)
+
+
+def deliver(outcome: Outcome, runs_dir: str | Path) -> Outcome:
+    """Write the trained fold an outcome carries into the store (here, in the driver), then drop it from the outcome;
+    a fold whose record appeared meanwhile keeps that first record. The fold's resume checkpoint and any earlier
+    failure are removed once its record exists."""
+    result, outcome.result = outcome.result, None
+    if result is None:
+        return outcome
+    runs, job = Path(runs_dir), outcome.job
+    try:
+        if is_complete(runs, job.cfg, job.fold):
+            outcome.status = "complete"
+        else:
+            write_fold(runs, job.cfg, job.fold, result.record, result.predictions, result.state_dict)
+        failure_path(runs, job.cfg, job.fold).unlink(missing_ok=True)
+        resume_path(runs, job.cfg, job.fold).unlink(missing_ok=True)
+    except OSError as err:  # the driver cannot write its own store: another attempt will not help
+        outcome.status, outcome.error = "failed", f"writing the record failed: {type(err).__name__}: {err}"
+    return outcome
 
 
 class _InProcess:
@@ -146,33 +215,69 @@ class _InProcess:
         self.opts, self.progress = opts, progress
         self.jobs: dict[int, tuple[FoldJob, int]] = {}
 
-    def submit(self, job: FoldJob, attempt: int) -> int:
+    def submit(self, job: FoldJob, attempt: int, fraction: float | None = None) -> int:
         handle = len(self.jobs)
         self.jobs[handle] = (job, attempt)
         return handle
 
+    def fraction(self, job: FoldJob) -> float | None:
+        return None
+
     def wait(self, handles: list[Any], timeout: float) -> list[tuple[Any, Outcome | Exception]]:
-        job, attempt = self.jobs[handles[0]]
-        return [(handles[0], run_fold(job, self.opts, attempt, self.progress))]
+        job, attempt = self.jobs.pop(handles[0])
+        return [(handles[0], run_fold(job, self.opts, attempt, self.progress, deliver=True))]
 
     def close(self) -> None:
         pass
 
 
+PR_SET_PDEATHSIG = 1
+PARENT_WATCH_S = 1.0
+
+
+def _die_with(parent: int) -> None:
+    """Worker initializer: this process is killed when ``parent`` (the driver) dies.
+
+    On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``; the workers are started by
+    the driver's main thread, which lives as long as the pool); everywhere, a daemon thread also exits the process
+    once its parent PID changes (re-parented to init or a subreaper), which covers the kernel's rule that the signal
+    follows the thread that started the worker. The check after ``prctl`` closes the race of a parent that died first.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_WATCH_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="milbench parent watch", daemon=True).start()
+
+
 class _Processes:
-    """N local worker processes (spawned, so no torch state is forked); a crashed worker fails its jobs."""
+    """N local worker processes (spawned, so no torch state is forked) that die with the driver; a crashed worker
+    fails its jobs."""
 
     def __init__(self, opts: RunOptions, workers: int) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         self.opts = opts
-        self._new = lambda: ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self._new = lambda: ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_die_with, initargs=(os.getpid(),))
         self.pool = self._new()
         self.owner: dict[Any, Any] = {}  # future -> the pool it was submitted to
 
-    def submit(self, job: FoldJob, attempt: int) -> Any:
-        fut = self.pool.submit(run_fold, job, self.opts, attempt)
+    def fraction(self, job: FoldJob) -> float | None:
+        return None
+
+    def submit(self, job: FoldJob, attempt: int, fraction: float | None = None) -> Any:
+        fut = self.pool.submit(run_fold, job, self.opts, attempt, None, True)
         self.owner[fut] = self.pool
         return fut
 
@@ -195,45 +300,6 @@ class _Processes:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Ray:
-    """One Ray task per fold, with its resource request; joins ``address`` or starts a local instance."""
-
-    def __init__(self, opts: RunOptions, address: str | None, gpus: float | None, cpus: int) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise MilbenchError("--executor ray needs ray: pip install -c constraints.txt -e \".[ray]\"") from None
-        self.ray = ray
-        self.started = not ray.is_initialized()
-        if self.started:
-            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
-            if address:
-                ray.init(address=address, **quiet)
-            else:
-                ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, **quiet)
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        self.opts = opts
-        self.task = ray.remote(run_fold).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-
-    def submit(self, job: FoldJob, attempt: int) -> Any:
-        return self.task.remote(job, self.opts, attempt)
-
-    def wait(self, handles: list[Any], timeout: float) -> list[tuple[Any, Outcome | Exception]]:
-        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
-        out: list[tuple[Any, Outcome | Exception]] = []
-        for ref in done:
-            try:
-                out.append((ref, self.ray.get(ref)))
-            except self.ray.exceptions.RayError as err:  # the worker or its node died
-                out.append((ref, err))
-        return out
-
-    def close(self) -> None:
-        if self.started:
-            self.ray.shutdown()
 
 
 @dataclass
@@ -279,25 +345,28 @@ def execute(jobs: list[FoldJob], opts: RunOptions, executor: str = "local", max_
     check_executor(executor, max_parallel, ray_address, gpus_per_fold, opts.threads)
     limit = max_parallel or (1 if executor == "local" else len(jobs) or 1)
     if executor == "ray":
-        pool: Any = _Ray(opts, ray_address, gpus_per_fold, opts.threads)
+        from milbench.runs.ray_session import RayPool
+
+        pool: Any = RayPool(run_fold, opts, ray_address, gpus_per_fold, opts.threads)
     elif limit == 1:
         pool = _InProcess(opts, progress)
     else:
         pool = _Processes(opts, limit)
     report = Report()
-    queue = deque((job, 0) for job in jobs)
-    inflight: dict[Any, tuple[FoldJob, int]] = {}
+    queue = deque((job, 0, pool.fraction(job)) for job in longest_first(jobs))
+    inflight: dict[Any, tuple[FoldJob, int, float | None]] = {}
     try:
         while queue or inflight:
             while queue and len(inflight) < limit:
-                job, attempt = queue.popleft()
-                inflight[pool.submit(job, attempt)] = (job, attempt)
+                job, attempt, fraction = queue.popleft()
+                inflight[pool.submit(job, attempt, fraction)] = (job, attempt, fraction)
             for handle, result in pool.wait(list(inflight), tick):
-                job, attempt = inflight.pop(handle)
+                job, attempt, fraction = inflight.pop(handle)
                 outcome = result if isinstance(result, Outcome) else _crashed(job, attempt, result)
+                outcome = deliver(outcome, opts.runs_dir)
                 outcome.will_retry = outcome.status == "failed" and outcome.retryable and attempt < retries
-                if outcome.will_retry:
-                    queue.append((job, attempt + 1))
+                if outcome.will_retry:  # out of memory: at twice the share, never the same again
+                    queue.append((job, attempt + 1, min(1.0, 2 * fraction) if outcome.oom and fraction else fraction))
                 else:
                     report.outcomes.append(outcome)
                 if on_outcome:

@@ -2,7 +2,9 @@
 
 Everything the table shows is read from the store: a fold is done when its record exists, running while a live claim
 holds it, failed when its ``.failed`` file is there, pending otherwise. So `milbench status` on any machine that
-sees the store shows the same table as the driver.
+sees the store shows the same table as the driver. A running fold is shown with its node and process (from its
+claim), the epoch it reached and the time it still needs at its pace so far (from the ``.progress`` file its holder
+writes at every epoch; a resumed fold's pace counts only the epochs it trained since it resumed).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from milbench import MilbenchError
-from milbench.runs.claims import CLAIM_STALE_S, read_claim
+from milbench.runs.claims import CLAIM_STALE_S, ClaimInfo, read_claim, read_progress
 from milbench.runs.plan import read_plan
 from milbench.runs.store import RunRecord, read_record
 
@@ -36,6 +38,28 @@ class Row:
     run: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Running:
+    """A fold being trained: where, how far, and how long it still needs (None before its pace is known)."""
+
+    label: str
+    holder: str
+    epoch: int | None = None
+    epochs: int | None = None
+    eta: float | None = None
+
+
+def fold_eta(progress: dict[str, Any] | None, now: float) -> float | None:
+    """Seconds a fold still needs at the pace of the epochs it trained in this attempt."""
+    if not progress:
+        return None
+    done = progress["epoch"] - (progress.get("resumed_after") if progress.get("resumed_after") is not None else -1) - 1
+    spent = progress["time"] - progress["started"]
+    if done <= 0 or spent <= 0:
+        return None
+    return max(0.0, (progress["epochs"] - progress["epoch"]) * spent / done - (now - progress["time"]))
 
 
 class StoreView:
@@ -55,8 +79,10 @@ class StoreView:
                 return None
         return self._records[path]
 
-    def state(self, folder: Path, names: set[str], fold: int) -> tuple[str, tuple[dict[str, Any], float] | None]:
-        """(state, (record, written) when done) of ``fold`` in the run folder ``folder`` whose entries are ``names``."""
+    def state(self, folder: Path, names: set[str], fold: int
+              ) -> tuple[str, tuple[RunRecord, float] | ClaimInfo | None]:
+        """(state, (record, written) when done, the live claim when running) of ``fold`` in the run folder ``folder``
+        whose entries are ``names``."""
         if f"fold_{fold}" in names:
             done = self.record(folder / f"fold_{fold}" / "record.json")
             if done is not None:
@@ -64,7 +90,7 @@ class StoreView:
         if f"fold_{fold}.claim" in names:
             claim = read_claim(folder / f"fold_{fold}.claim")
             if claim is not None and not claim.stale(self.stale_after):
-                return "running", None
+                return "running", claim
         if f"fold_{fold}.failed" in names:
             return "failed", None
         return "pending", None
@@ -79,6 +105,7 @@ class GridStatus:
     failures: list[tuple[str, str]]
     elapsed: float
     eta: float | None
+    running: list[Running] = field(default_factory=list)
 
     def total(self, state: str) -> int:
         return sum(r.counts[state] for r in self.rows)
@@ -94,23 +121,28 @@ def grid_status(runs_dir: Path, plan: dict[str, Any], view: StoreView | None = N
     failures: list[tuple[str, str]] = []
     seconds: list[float] = []
     written: list[float] = []  # when the folds completed since the plan started were written
+    in_training: list[Running] = []
     for job in plan["jobs"]:
         folder = Path(runs_dir) / job["rel"]
         if job["rel"] not in listing:
             listing[job["rel"]] = set(os.listdir(folder)) if folder.is_dir() else set()
-        state, done = view.state(folder, listing[job["rel"]], job["fold"])
+        state, found = view.state(folder, listing[job["rel"]], job["fold"])
         key = (job["cohort"], job["backbone"], job["model"], Path(job["rel"]).name)
         row = rows.setdefault(key, Row(*key))
         row.counts[state] += 1
-        if done is not None:
-            record, when = done
+        label = f"{job['model']} · {job['cohort']} · {job['backbone']} · fold {job['fold']}"
+        if isinstance(found, ClaimInfo):
+            progress = read_progress(found.path)
+            in_training.append(Running(label, found.holder, progress and progress["epoch"],
+                                   progress and progress["epochs"], fold_eta(progress, now)))
+        elif found is not None:
+            record, when = found
             row.seconds.append(record.total_seconds)
             seconds.append(row.seconds[-1])
             if when >= plan["created"]:
                 written.append(when)
         if state == "failed":
-            failures.append((f"{job['model']} · {job['cohort']} · {job['backbone']} · fold {job['fold']}",
-                             _failure_error(folder / f"fold_{job['fold']}.failed")))
+            failures.append((label, _failure_error(folder / f"fold_{job['fold']}.failed")))
     ordered = list(rows.values())
     left = sum(r.counts["running"] + r.counts["pending"] for r in ordered)
     end = max(written, default=plan["created"]) if not left else now  # a finished grid stops at its last record
@@ -122,7 +154,7 @@ def grid_status(runs_dir: Path, plan: dict[str, Any], view: StoreView | None = N
         eta = left * sum(seconds) / len(seconds) / max(1, running)
     else:
         eta = None
-    return GridStatus(plan, ordered, failures, elapsed, eta)
+    return GridStatus(plan, ordered, failures, elapsed, eta, in_training)
 
 
 def _failure_error(path: Path) -> str:
@@ -158,11 +190,24 @@ def status_table(status: GridStatus) -> Table:
     return table
 
 
+def running_table(status: GridStatus) -> Table:
+    """The folds in training: node and process, epoch reached, time still needed at their pace."""
+    table = Table(title="running folds")
+    for col in ("fold", "node", "epoch", "ETA"):
+        table.add_column(col, justify="right" if col in ("epoch", "ETA") else "left")
+    for r in status.running:
+        epoch = f"{r.epoch}/{r.epochs}" if r.epoch is not None else "-"
+        table.add_row(r.label, r.holder, epoch, _clock(r.eta) if r.eta is not None else "?")
+    return table
+
+
 def print_status(console: Console, runs_dir: Path, plan: str | None = None,
                  stale_after: float = CLAIM_STALE_S) -> GridStatus:
     """Print the grid table of the latest (or the given) plan in ``runs_dir``, then its failures."""
     status = grid_status(runs_dir, read_plan(runs_dir, plan), StoreView(runs_dir, stale_after))
     console.print(status_table(status))
+    if status.running:
+        console.print(running_table(status))
     for label, error in status.failures[:20]:
         console.print(f"[red]failed[/] {label}: {error}", highlight=False)
     return status

@@ -7,6 +7,8 @@ process; features enter the model in float32, or in their stored half precision 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable
 
@@ -59,18 +61,49 @@ def model_input(model: torch.nn.Module, bag: Bag, amp: torch.dtype | None) -> Ba
     return float_bag(bag)
 
 
+CUDA_CONTEXT_BYTES = 2**29  # what a process's CUDA context and kernels take beside its allocations (about 0.5 GiB)
+
+
+def store_budget(free: int, total: int, fraction: float | None = None) -> int:
+    """Bytes of bags a process may keep on a GPU with ``free`` of ``total`` bytes free, given ``fraction`` of it.
+
+    Headroom for training (activations, gradients, the optimizer) is a tenth of the process's share plus its CUDA
+    context; the share is the whole GPU when ``fraction`` is None. Several processes sharing one GPU by fraction
+    each keep within theirs whatever the others have not yet taken (all of them see the GPU free at start).
+    """
+    share = total * (1.0 if fraction is None else min(1.0, fraction))
+    headroom = 0.1 * share + (CUDA_CONTEXT_BYTES if fraction is not None else 0)
+    return max(0, int(min(free, share) - headroom))
+
+
+@contextmanager
+def memory_share(device: torch.device, fraction: float | None) -> Iterator[None]:
+    """Hold this process's CUDA caching allocator to ``fraction`` of the GPU while the block runs (a fold given a
+    quarter of a GPU then fails with out-of-memory at its quarter instead of starving the folds beside it)."""
+    if fraction is None or fraction >= 1.0 or torch.device(device).type != "cuda":
+        yield
+        return
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+
+
 class DeviceBagStore:
     """Bags on the training device in the feature cache's half precision, copied there once and kept while they fit.
 
-    On CUDA the budget is the free memory at creation less a tenth of the GPU (left for training), so a cohort that
-    fits is read from the host once per process; bags beyond the budget are copied per use (non-blocking). A
+    On CUDA the budget is :func:`store_budget`: the free memory at creation, or the process's ``fraction`` of the GPU
+    when it was given one, less headroom for training, so a cohort that fits is read from the host once per process; bags beyond the budget are copied per use (non-blocking). A
     stored bag may also live in pinned host memory (``put``): it is then copied per use without a host sync.
     ``fetch`` returns fresh dicts, so a caller adding extras never alters the stored bag. ``dtype`` stores the
     features in another precision: the autocast dtype when bags are packed (``forward_packed`` only feeds them to
     autocast ops, which cast them to it anyway), so the concatenation of a packed step moves half the bytes.
     """
 
-    def __init__(self, device: torch.device, max_bytes: int | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, device: torch.device, max_bytes: int | None = None, dtype: torch.dtype | None = None,
+                 fraction: float | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         if self.device.type == "cuda" and self.device.index is None:  # compare equal to the tensors' cuda:N
@@ -78,8 +111,7 @@ class DeviceBagStore:
         if max_bytes is None:
             max_bytes = 0
             if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                max_bytes = max(0, int(free - 0.1 * total))
+                max_bytes = store_budget(*torch.cuda.mem_get_info(self.device), fraction)
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._bags: dict[object, Bag] = {}

@@ -5,12 +5,20 @@ selected, bf16 autocast on CUDA. The loop itself is :mod:`milbench.training.step
 :mod:`milbench.training.protocols`; speed comes from :mod:`milbench.training.device` (bags kept on the GPU) and
 :mod:`milbench.accel` (CUDA graphs of whole steps for models whose card allows them, ``compile=True`` for the
 card's compiled blocks). The record says what was trained, how, on what, and what it scored.
+
+Resume: with ``resume_path``, the end of every epoch is checkpointed there atomically (model, optimizer, the sampling
+generator and the global numpy / torch / Python random states, the history, the selection state, the training time
+so far), and a fit that finds a checkpoint of the same configuration and fold there continues after its epoch: on
+the CPU the resumed fold gives exactly the predictions of an uninterrupted one (tests/runs/test_resume.py). The
+caller removes the checkpoint once the fold's record exists.
 """
 
 from __future__ import annotations
 
 import copy
+import random
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +31,7 @@ from milbench.accel.graphs import StepGraphs, can_graph
 from milbench.accel.rewrites import accelerate
 from milbench.config.run import RunConfig
 from milbench.data.cache import FeatureCache
+from milbench.files import atomic_path
 from milbench.models.registry import create_model, get_card
 from milbench.survival.binning import fit_bins
 from milbench.survival.losses import get_loss, risk_and_survival
@@ -51,9 +60,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _rng_states() -> dict[str, Any]:
+    """The global random states (torch, CUDA, numpy, Python) in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                        int(has_gauss), float(gauss)],
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_resume(path: Path, cfg: RunConfig, fold: int, epoch: int, model: torch.nn.Module,
+                optim: torch.optim.Optimizer, gen: torch.Generator, history: list[dict[str, float]],
+                best: dict[str, Any], train_s: float) -> None:
+    """Checkpoint the end of ``epoch`` at ``path``, atomically (a reader sees the previous epoch's or this one's)."""
+    state = {"config_hash": cfg.hash, "fold": fold, "epoch": epoch, "epochs": cfg.epochs, "model": model.state_dict(),
+             "optim": optim.state_dict(), "generator": gen.get_state(), "rng": _rng_states(), "history": history,
+             "best": best, "train_s": train_s, "time": time.time()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume(path: Path | None, cfg: RunConfig, fold: int) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` when it belongs to this configuration and fold; None when there is none (or it is
+    unreadable or someone else's: the fold then starts over, which is always correct)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file (a killed writer leaves only its .tmp, but a disk may still fail)
+        return None
+    if state.get("config_hash") != cfg.hash or state.get("fold") != fold or state.get("epochs") != cfg.epochs:
+        return None
+    return state
+
+
 def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
              cache: FeatureCache | None = None, progress: ProgressFn | None = None,
-             keep_weights: bool = False, compile: bool = False, graphs: bool = True) -> FoldResult:
+             keep_weights: bool = False, compile: bool = False, graphs: bool = True,
+             resume_path: Path | None = None, gpu_fraction: float | None = None) -> FoldResult:
     """Train ``cfg.model`` on the training patients of ``fold`` and score it on the held-out patients.
 
     ``compile=True`` compiles the blocks its card names on CUDA (the same function, faster; see
@@ -61,7 +117,9 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     on CUDA, one bag per step, a per-bag loss and a model that whose card allows CUDA graphs, each bag's training step
     is recorded as a CUDA graph and replayed in later epochs (:mod:`milbench.accel.graphs`). The risk is read from
     the model's head (:func:`milbench.survival.losses.risk_and_survival`); predictions get ``surv_k`` columns only
-    when the head has a survival curve (not cox, whose IBS is then NaN).
+    when the head has a survival curve (not cox, whose IBS is then NaN). ``resume_path``: see the module notes.
+    ``gpu_fraction``: the share of the GPU this fold was given; its device bag store stays within it
+    (:func:`milbench.training.device.store_budget`).
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -95,7 +153,7 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     check_pack(model, cfg.model, cfg.pack, cfg.grad_accum, loss_fn)
     if compile and dev.type == "cuda":
         compile_blocks(model)
-    store = DeviceBagStore(dev, dtype=default_amp(dev) if cfg.pack > 1 else None)
+    store = DeviceBagStore(dev, dtype=default_amp(dev) if cfg.pack > 1 else None, fraction=gpu_fraction)
     step_graphs = (StepGraphs(model, dev) if graphs and can_graph(model, dev) and cfg.pack == 1
                    and not loss_fn.needs_batch and not loss_fn.needs_time else None)
     if has_priors(model):
@@ -109,10 +167,21 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    best = {"score": -np.inf, "epoch": cfg.epochs - 1, "state": None}
+    best: dict[str, Any] = {"score": -np.inf, "epoch": cfg.epochs - 1, "state": None}
     history: list[dict[str, float]] = []
+    first, trained_before = 0, 0.0
+    resumed = load_resume(resume_path, cfg, fold)
+    if resumed is not None:  # after everything above, which the seeds make the same as in the interrupted run
+        model.load_state_dict(resumed["model"])
+        optim.load_state_dict(resumed["optim"])
+        gen.set_state(resumed["generator"])
+        _set_rng_states(resumed["rng"])
+        history, best = resumed["history"], resumed["best"]
+        first, trained_before = resumed["epoch"] + 1, resumed["train_s"]
+        if progress:
+            progress("epoch", first, cfg.epochs)
     t_train = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(first, cfg.epochs):
         model.train()
         order = sample_order(fitting, cfg.sampler, gen)
         total = train_epoch(model, fit_bags, order, y_all, c_all, loss_fn, optim, cfg.grad_accum, cfg.pack,
@@ -125,9 +194,12 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
             if score > best["score"]:  # NaN (no comparable pair) never wins: the last epoch is kept
                 best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         history.append(entry)
+        if resume_path is not None:
+            save_resume(resume_path, cfg, fold, epoch, model, optim, gen, history, best,
+                        trained_before + time.perf_counter() - t_train)
         if progress:
             progress("epoch", epoch + 1, cfg.epochs)
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = trained_before + time.perf_counter() - t_train
     if best["state"] is not None:
         model.load_state_dict(best["state"])
 
@@ -161,6 +233,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         "head": head,
         "policies": policies(model),
         "execution": {"compile": bool(compile and dev.type == "cuda"),
+                      "resumed_after_epoch": first - 1 if first else None,
+                      "gpu_fraction": gpu_fraction if dev.type == "cuda" else None,
                       "cuda_graphs": step_graphs.stats() if step_graphs else None},
         "environment": environment(dev),
     }
