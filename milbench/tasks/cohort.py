@@ -7,6 +7,7 @@ A cohort is named three ways: a path to a CSV table (a custom cohort), ``synthet
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,7 @@ def load_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise MilbenchError(f"cohort table {path} not found: pass a CSV with columns {', '.join(REQUIRED_COLUMNS)}")
     table = _read_csv(path, "cohort table", dtype={"case_id": str, "slide_id": str})
+    table.columns = [str(c).strip() for c in table.columns]  # " case_id" as written by hand or by some exporters
     table = table.drop(columns=[c for c in table.columns if re.fullmatch(r"Unnamed: \d+(\.\d+)?", str(c))])
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
@@ -310,6 +312,12 @@ def _from_table(name: str, table_path: Path, splits: str | Path | None, features
                   splits_dir=splits_dir, features_help=features_help)
 
 
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``"did you mean 'x'? "`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def cohort_names() -> list[str]:
     """Every built-in cohort name (a path to a CSV table is accepted too)."""
     return ["synthetic", *(f"synthetic_{s}" for s in SCENARIOS), *(f"tcga_{c}" for c in TCGA_COHORTS), *TCGA_COHORTS,
@@ -319,7 +327,8 @@ def cohort_names() -> list[str]:
 def _synthetic(key: str, splits: str | Path | None, features: str | Path | None, backbone: str | None) -> Cohort:
     scenario = key.removeprefix("synthetic").lstrip("_-").replace("_", "-") or "mixed"
     if scenario not in SCENARIOS:
-        raise MilbenchError(f"unknown synthetic scenario '{scenario}': use one of {', '.join(SCENARIOS)}")
+        raise MilbenchError(f"unknown synthetic scenario '{scenario}': {did_you_mean(scenario, SCENARIOS)}use one of "
+                            f"{', '.join(SCENARIOS)}")
     from milbench.tasks.synthetic import builtin_cohort
 
     name = f"synthetic_{scenario}"
@@ -354,7 +363,8 @@ def _resolve(name_or_table: str | Path, splits: str | Path | None, features: str
     short = key.removeprefix("tcga_").removeprefix("tcga-")
     if short in TCGA_COHORTS or short.removesuffix("_sitefolds") in TCGA_COHORTS:
         return _tcga(short, splits, features, backbone)
-    raise MilbenchError(f"unknown cohort '{text}': use one of {', '.join(cohort_names())}, or a path to a CSV table")
+    raise MilbenchError(f"unknown cohort '{text}': {did_you_mean(key, cohort_names())}use one of "
+                        f"{', '.join(cohort_names())}, or a path to a CSV table")
 
 
 def resolve_cohort(name_or_table: str | Path, splits: str | Path | None = None, features: str | Path | None = None,

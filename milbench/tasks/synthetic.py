@@ -136,7 +136,11 @@ def oracle_risk(scenario: str, latents: dict[str, float]) -> float:
 
 def _check_scenario(scenario: str) -> str:
     if scenario not in SCENARIOS:
-        raise MilbenchError(f"unknown synthetic scenario '{scenario}': choose one of {', '.join(SCENARIOS)}")
+        import difflib
+
+        close = difflib.get_close_matches(scenario, SCENARIOS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise MilbenchError(f"unknown synthetic scenario '{scenario}': {hint}choose one of {', '.join(SCENARIOS)}")
     return scenario
 
 
