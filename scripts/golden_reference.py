@@ -277,7 +277,8 @@ def capture_output(module: nn.Module) -> tuple[list[torch.Tensor], Any]:
 
 
 def rename_state_dict(state: dict[str, torch.Tensor], rules: list[tuple[str, str]],
-                      drop: Iterable[str] = (), transforms: dict[str, Callable] | None = None) -> dict[str, torch.Tensor]:
+                      drop: Iterable[str] = (),
+                      transforms: dict[str, Callable] | None = None) -> dict[str, torch.Tensor]:
     """Map the authors' parameter names to milbench's: the first matching regex rule (``re.fullmatch``) rewrites a
     name; names matching a ``drop`` regex are left out (dead or duplicate weights); an unmatched name is an error.
     ``transforms[new_name]`` reshapes a tensor (1x1 convolutions to linear layers); a callable may also return a dict

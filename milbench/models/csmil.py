@@ -9,11 +9,16 @@ As in the reference code the cross-scale weights are raw scores, with no softmax
 shows one: ``scale_softmax=True``). Views a patch has no parent for are left out of its cross-scale sum
 (``orphans="mask"``; the reference always has all three crops), or the patch is dropped (``orphans="drop"``).
 
-Bag sampling as in the reference: per slide, k-means (k = 8) of the 20x features; in training each step draws
-round(N(64, 4)) instances with replacement from every cluster (at most ~512 instances). The reference also
-re-samples at evaluation, which makes its scores stochastic; here evaluation uses every instance (deterministic),
-and ``sample_in_eval=True`` reproduces the reference. ``per_cluster=None`` turns sampling off. Clusters are
-recomputed per step (seeded, so always the same for a bag); they only choose instances, as in the reference.
+Bag sampling as in the authors' scripts: MIL_global_Stage1_Training.py and MIL_global_Stage1_Testing.py pass
+mean_bag_length=3, var_bag_length=1 to their loader (MIL_dataloader_csv_clustering_pair_stack.MILBags), which draws
+one length per bag, L = max(1, int(N(3, 1))) (truncated; the "var" is a standard deviation), and takes min(L,
+cluster size) instances from every one of the 8 k-means clusters of the slide, uniformly with replacement: about
+8 x 2.5 = 20 instances per bag (``bag_length``, ``bag_length_std``). The loader class's own defaults, N(64, 4), are
+overridden by the scripts. Clusters: per slide, k-means (k = 8) of the 20x features, recomputed per step (seeded,
+so always the same for a bag); they only choose instances, as in the reference. A bag of several slides draws one
+length for all the clusters of all its slides. The reference also re-samples at evaluation, which makes its scores
+stochastic; here evaluation uses every instance (deterministic), and ``sample_in_eval=True`` reproduces the
+reference. ``bag_length=None`` turns sampling off (every instance, also in training).
 
 Attention maps (``return_attention=True``): ``"20x"`` the instance attention per 20x patch ([N20], summed over
 repeated draws, 0 for patches not drawn); ``"10x"`` / ``"5x"`` the same attention summed onto each parent
@@ -39,12 +44,12 @@ VIEWS = ("20x", "10x", "5x")
 @register_model("csmil")
 class CSMIL(nn.Module):
     def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 64, attn_dim: int = 32, dropout: float = 0.5,
-                 n_clusters: int = 8, per_cluster: int | None = 64, per_cluster_std: float = 4.0,
+                 n_clusters: int = 8, bag_length: float | None = 3.0, bag_length_std: float = 1.0,
                  sample_in_eval: bool = False, scale_softmax: bool = False, orphans: str = "mask") -> None:
         super().__init__()
         if orphans not in ("mask", "drop"):
             raise MilbenchError(f"CS-MIL orphans must be 'mask' or 'drop', not {orphans!r}")
-        self.n_clusters, self.per_cluster, self.per_cluster_std = n_clusters, per_cluster, per_cluster_std
+        self.n_clusters, self.bag_length, self.bag_length_std = n_clusters, bag_length, bag_length_std
         self.sample_in_eval, self.scale_softmax, self.orphans = sample_in_eval, scale_softmax, orphans
         # 1. shared embedding of every view (1x1 convolution = linear) + ReLU
         self.embed = mlp([in_dim, embed_dim])
@@ -56,6 +61,16 @@ class CSMIL(nn.Module):
         self.fc = mlp([embed_dim, attn_dim], dropout=dropout)
         self.head = HazardHead(attn_dim, n_bins)
 
+    def policies(self) -> dict[str, str]:
+        """Large-bag policy for the run record: training bags are the authors' cluster samples, not the whole bag."""
+        if self.bag_length is None:
+            return {}
+        where = "training and evaluation" if self.sample_in_eval else "training only (evaluation uses every patch)"
+        return {"cluster_sampling": f"{where}: per step one bag length L = max(1, trunc(N({self.bag_length:g}, "
+                                    f"{self.bag_length_std:g}))) and min(L, cluster size) 20x patches drawn with "
+                                    f"replacement from each of the {self.n_clusters} k-means clusters of every slide "
+                                    "(the authors' loader; about 20 patches per bag), drawn from torch's global RNG"}
+
     def _instances(self, bag: Bag, parents: torch.Tensor) -> torch.Tensor:
         """20x rows forming the bag: all (or those with both parents), re-sampled by cluster in training."""
         rows = torch.arange(parents.shape[0], device=parents.device)
@@ -64,13 +79,14 @@ class CSMIL(nn.Module):
             if not len(rows):
                 raise MilbenchError(f"case {bag.case_id}: no 20x patch has both a 10x and a 5x parent; "
                                     f"use orphans='mask' or check the coordinates of every magnification")
-        if self.per_cluster is None or not (self.training or self.sample_in_eval):
+        if self.bag_length is None or not (self.training or self.sample_in_eval):
             return rows
         slide = bag.slide_index.get("20x", torch.zeros_like(parents[:, 0]))
         return rows[self._sample(bag.features["20x"][rows], slide[rows])]
 
     def _sample(self, x: torch.Tensor, slide: torch.Tensor) -> torch.Tensor:
-        """Per slide, k-means of the features, then round(N(per_cluster, std)) draws with replacement per cluster."""
+        """Per slide, k-means of the features; one bag length L = max(1, trunc(N(bag_length, bag_length_std))), then
+        min(L, cluster size) draws with replacement from every cluster (the authors' loader)."""
         groups = torch.empty_like(slide)
         for s in slide.unique():
             at = (slide == s).nonzero().squeeze(1)
@@ -78,8 +94,8 @@ class CSMIL(nn.Module):
         _, group, size = groups.unique(return_inverse=True, return_counts=True)
         order = group.argsort()
         start = torch.cumsum(size, 0) - size
-        draws = (torch.randn(len(size), device=x.device) * self.per_cluster_std + self.per_cluster).round()
-        draws = draws.clamp(min=1).long()
+        length = torch.trunc(torch.randn((), device=x.device) * self.bag_length_std + self.bag_length).clamp(min=1)
+        draws = torch.minimum(size, length.long())
         which = torch.repeat_interleave(torch.arange(len(size), device=x.device), draws)
         pick = start[which] + (torch.rand(len(which), device=x.device) * size[which]).long().clamp(max=size[which] - 1)
         return order[pick]

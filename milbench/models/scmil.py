@@ -5,7 +5,8 @@ Official configuration (cluster size 64, feature weight 0.8, one attention layer
   2. Patches with s > 0.5 are kept for context attention; the rest pass through as x~.
   3. Cluster-local attention on the kept patches (when there are at least two):
      a. k-means (k-means++ seeding, 5 Lloyd iterations, seed 1) with k = max(1, floor(L / 64)) clusters on
-        [0.8 z(x~), 0.2 z(coords)], z a scalar z-score over the whole tensor (not per column);
+        [0.8 z(x~), 0.2 z(coords)], z a scalar z-score over the whole tensor (not per column) with the unbiased
+        standard deviation (torch.std, as the reference);
      b. tokens stably sorted by cluster; a cluster of 128 patches or more is cut into floor(size / 64) consecutive,
         nearly equal windows (sizes differ by at most one), so every window holds at most 127 patches;
      c. within each window: 8-head self-attention at width D (q/k/v/out with bias, dropout 0.25 on the
@@ -62,8 +63,9 @@ class SoftFilter(nn.Module):
 
 
 def zscore(t: torch.Tensor) -> torch.Tensor:
-    """Scalar z-score over the whole tensor (one mean and one std, not per column)."""
-    return (t - t.mean()) / t.std(unbiased=False).clamp_min(1e-6)
+    """Scalar z-score over the whole tensor (one mean and one standard deviation, not per column), with the unbiased
+    standard deviation (``torch.std``'s default) as the reference's models/SCMIL.py does (lines 80 and 83)."""
+    return (t - t.mean()) / t.std().clamp_min(1e-6)
 
 
 def cluster_windows(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,12 +36,16 @@ def test_forward_shapes_attention_and_backward():
 
 def test_training_samples_by_cluster_and_eval_uses_every_instance():
     bag = nested_bag(n5=3, in_dim=16)
-    model = create_model("csmil", 16, per_cluster=5, per_cluster_std=0.0)
+    model = create_model("csmil", 16, bag_length=1, bag_length_std=0.0)
     seen = []
     model.instance_attention.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     torch.manual_seed(0)
     model(bag)
-    assert seen[-1] == 8 * 5  # 8 clusters x 5 draws
+    assert seen[-1] == 8 * 1  # one draw from each of the 8 clusters
+    model.bag_length = 100.0  # min(L, cluster size): every cluster is taken whole (with replacement)
+    model(bag)
+    assert seen[-1] == 48
+    assert "cluster_sampling" in model.policies() and create_model("csmil", 16, bag_length=None).policies() == {}
     model.eval()
     first = model(bag)
     assert seen[-1] == 48 and torch.equal(first.logits, model(bag).logits)
@@ -49,7 +53,7 @@ def test_training_samples_by_cluster_and_eval_uses_every_instance():
 
 def test_sample_in_eval_reproduces_the_stochastic_reference_evaluation():
     bag = nested_bag(n5=3, in_dim=16)
-    model = create_model("csmil", 16, per_cluster=4, sample_in_eval=True).eval()
+    model = create_model("csmil", 16, sample_in_eval=True).eval()
     torch.manual_seed(0)
     assert not torch.equal(model(bag).logits, model(bag).logits)
 
