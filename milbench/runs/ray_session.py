@@ -41,13 +41,18 @@ def start_local(ray: Any, **kwargs: Any) -> tuple[Path, dict[str, str | None]]:
     directory and the environment variables to restore after ``ray.shutdown`` (:func:`end_local`)."""
     temp = Path(tempfile.mkdtemp(prefix="milbench-ray-", dir="/tmp"))  # short: Ray's socket paths must stay short
     saved = {var: os.environ.get(var) for var in AUTH_VARS}
-    if not any(saved.values()):  # token authentication, as Ray's default, but the token in no file
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    if not any(saved.values()):  # token authentication, Ray's default, with the token in no file. RAY_AUTH_MODE stays
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # unset: ray.init sets it and refreshes its config
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)  # "token authentication is enabled": it is, and needs nothing from the user
     try:
         ray.init(_temp_dir=str(temp), **kwargs)
     except BaseException:
         end_local(temp, saved)
         raise
+    finally:
+        notice.setLevel(level)
     return temp, saved
 
 

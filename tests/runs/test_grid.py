@@ -97,9 +97,12 @@ def test_status_counts_folds_from_the_store(cohorts, tmp_path):
 def ray_cluster():
     """One local Ray instance for the module (start-up takes 10-20 s)."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield ray
+    from milbench.runs.ray_session import end_local, start_local
+
+    session = start_local(ray, num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray  # its own temp dir, no ~/.ray/auth_token
     ray.shutdown()
+    end_local(*session)
 
 
 @pytest.mark.slow
