@@ -135,6 +135,10 @@ class RayPool:
             self.close()
             raise
         self.has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        if gpus and not self.has_gpus:
+            self.close()
+            raise MilbenchError(f"--gpus-per-fold {gpus} asks for GPUs, but the Ray cluster has none: leave it out "
+                                f"or pass 0 (its tasks would wait forever)")
         self.gpus, self.cpus, self.opts = gpus, cpus, opts
         self.task = ray.remote(run_fold)
 

@@ -95,7 +95,8 @@ class DeviceBagStore:
     """Bags on the training device in the feature cache's half precision, copied there once and kept while they fit.
 
     On CUDA the budget is :func:`store_budget`: the free memory at creation, or the process's ``fraction`` of the GPU
-    when it was given one, less headroom for training, so a cohort that fits is read from the host once per process; bags beyond the budget are copied per use (non-blocking). A
+    when it was given one, less headroom for training, so a cohort that fits is read from the host once per process;
+    bags beyond the budget are copied per use (non-blocking). A
     stored bag may also live in pinned host memory (``put``): it is then copied per use without a host sync.
     ``fetch`` returns fresh dicts, so a caller adding extras never alters the stored bag. ``dtype`` stores the
     features in another precision: the autocast dtype when bags are packed (``forward_packed`` only feeds them to
