@@ -98,42 +98,44 @@ def drive(jobs: list[FoldJob], todo: list[FoldJob], runs_dir: Path, console: Con
         table = status_table(grid_status(runs, plan, view))
         return Group(table, bars) if sequential and not final else table
 
-    with Live(render(), console=console, refresh_per_second=4, transient=False) as live:
-        def refresh(force: bool = False, final: bool = False) -> None:
-            if force or time.monotonic() - last[0] > REFRESH_S:
-                last[0] = time.monotonic()
-                live.update(render(final))
+    try:
+        with Live(render(), console=console, refresh_per_second=4, transient=False) as live:
+            def refresh(force: bool = False, final: bool = False) -> None:
+                if force or time.monotonic() - last[0] > REFRESH_S:
+                    last[0] = time.monotonic()
+                    live.update(render(final))
 
-        def on_progress(stage: str, done: int, total: int) -> None:
-            bars.update(epoch_bar if stage == "epoch" else bag_bar, completed=done, total=total)
-            refresh()
+            def on_progress(stage: str, done: int, total: int) -> None:
+                bars.update(epoch_bar if stage == "epoch" else bag_bar, completed=done, total=total)
+                refresh()
 
-        def on_outcome(o: Outcome) -> None:
-            console.print(_outcome_line(o), highlight=False)
-            refresh(force=True)
-            if o.status == "failed" and not o.retryable:
-                raise _InputError(o)
+            def on_outcome(o: Outcome) -> None:
+                console.print(_outcome_line(o), highlight=False)
+                refresh(force=True)
+                if o.status == "failed" and not o.retryable:
+                    raise _InputError(o)
 
-        report = Report()
-        pending = list(todo)
-        try:
-            while pending:
-                part = execute(pending, opts, executor, max_parallel, ray_address, gpus_per_fold, retries,
-                               on_outcome=on_outcome, on_tick=refresh, progress=on_progress if sequential else None)
-                held = [o for o in part.outcomes if o.status == "claimed"]
-                report.outcomes += [o for o in part.outcomes if o.status != "claimed" or not wait]
-                pending = [o.job for o in held] if wait else []
-                if pending:
-                    console.print(f"waiting for {len(pending)} fold(s) held by another process (taken over if it "
-                                  f"stops; --no-wait to leave them)", highlight=False)
-                    time.sleep(poll_s)
-        except _InputError as stop:
+            report = Report()
+            pending = list(todo)
+            try:
+                while pending:
+                    part = execute(pending, opts, executor, max_parallel, ray_address, gpus_per_fold, retries,
+                                   on_outcome=on_outcome, on_tick=refresh, progress=on_progress if sequential else None)
+                    held = [o for o in part.outcomes if o.status == "claimed"]
+                    report.outcomes += [o for o in part.outcomes if o.status != "claimed" or not wait]
+                    pending = [o.job for o in held] if wait else []
+                    if pending:
+                        console.print(f"waiting for {len(pending)} fold(s) held by another process (taken over if it "
+                                      f"stops; --no-wait to leave them)", highlight=False)
+                        time.sleep(poll_s)
+            except _InputError as stop:
+                refresh(force=True, final=True)
+                raise MilbenchError(f"{stop.outcome.job.label}: {stop.outcome.error.removeprefix('MilbenchError: ')}") \
+                    from None
             refresh(force=True, final=True)
-            raise MilbenchError(f"{stop.outcome.job.label}: {stop.outcome.error.removeprefix('MilbenchError: ')}") \
-                from None
-        refresh(force=True, final=True)
-    if not console.is_terminal:  # rich ends a live display without a newline when it is not a terminal
-        console.line()
+    finally:
+        if not console.is_terminal:  # rich ends a live display without a newline when it is not a terminal
+            console.line()
     counts = {s: report.count(s) for s in ("trained", "complete", "claimed", "failed")}
     console.print(f"{counts['trained']} fold(s) trained, {counts['complete']} completed by another process, "
                   f"{counts['claimed']} held by another process, {counts['failed']} failed", highlight=False)
