@@ -27,7 +27,9 @@ def fft_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)`` for odd kernels [C, 1, kh, kw], computed
     as a product of Fourier transforms in float32 (the same function up to float32 rounding): a convolution is a
     product in frequency space, zero-padded past the kernel's reach so no value wraps around. Only the dimensions
-    the kernel spans are transformed (a (33, 1) kernel is a 1-D transform along the sequence)."""
+    the kernel spans are transformed (a (33, 1) kernel is a 1-D transform along the sequence). A half-precision
+    input gives a half-precision result, as the convolution under autocast does, so what follows does not run in
+    float32."""
     c, kh, kw = weight.shape[0], weight.shape[-2], weight.shape[-1]
     spans = [(d, k, x.shape[d]) for d, k in ((-2, kh), (-1, kw)) if k > 1]
     dims = [d for d, _, _ in spans]
@@ -37,7 +39,8 @@ def fft_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         y = torch.fft.irfftn(torch.fft.rfftn(x.float(), s=sizes, dim=dims) * kernel, s=sizes, dim=dims)
         for d, k, n in spans:  # the 'same' window of the full convolution
             y = y.narrow(d, k // 2, n)
-        return y if bias is None else y + bias.float().view(1, -1, 1, 1)
+        y = y if bias is None else y + bias.float().view(1, -1, 1, 1)
+        return y.to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) else y
 
 
 FFT_MIN_TAPS = 15  # kernels this long or longer (in one dimension) run through Fourier transforms on CUDA

@@ -17,6 +17,9 @@ What keeps replays correct:
 - the first step runs eagerly on the capture stream (CUDA graph capture needs a warmed-up stream); every other
   bag is recorded the first time it comes (in "relaxed" capture mode, so that a library may set up a plan for a
   new size, e.g. cuFFT, outside the graph) and replayed from then on;
+- an attention shape class first met during a recording runs with the default kernel order; it is measured right
+  after (:func:`milbench.accel.attention.tune_pending`), and if another kernel wins, that bag's graph is dropped and
+  recorded again the next time the bag comes;
 - a capture that fails turns graphs off for the rest of the fold, with the reason (``stats()["off"]``), and the
   step runs eagerly, as every later one does. Bags not kept on the device (key None) always run eagerly.
 Only models that declare ``cuda_graphs = True`` are graphed: a forward that draws host-side random numbers or
@@ -29,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from milbench.accel.attention import tune_pending
 from milbench.data.bag import Bag
 from milbench.models.registry import card_of
 
@@ -94,6 +98,8 @@ class StepGraphs:
         self.graphs[key] = graph
         self.counts["captured"] += 1
         graph.replay()
+        if tune_pending():  # an attention kernel chosen after this recording: record the bag again next time
+            del self.graphs[key]
 
     def _capture(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.cuda.CUDAGraph | None:
         """Record ``step`` (nothing runs); None, with graphs off and the reason kept, if recording fails. The capture

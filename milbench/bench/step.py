@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from milbench import MilbenchError
+from milbench.accel.attention import choices
 from milbench.accel.graphs import StepGraphs, can_graph, graph_key
 from milbench.bench.bags import DTYPES, BagSize, parse_bag, random_bag
 from milbench.bench.timing import (
@@ -60,13 +61,17 @@ def bench_step(name: str, size: BagSize, in_dim: int, device: torch.device, dtyp
             if graphed is None:
                 model.zero_grad(set_to_none=True)
                 bag_loss(model, model_input(model, bag, DTYPES[dtype]), y, c, loss_fn, DTYPES[dtype]).backward()
-            else:
-                model.zero_grad(set_to_none=False)
+            else:  # zeroed in place as the optimizer does it (one multi-tensor kernel; in training once per 32 bags)
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if grads:
+                    torch._foreach_zero_(grads)
                 graphed.run(graph_key(bag), y, c, partial(bag_step, model, bag, loss_fn, DTYPES[dtype], 1))
 
+        choices(reset=True)
         times, peak = time_calls(step, device, steps, warmup, peak_over_warmup=graphed is not None)
         return {"params": count_parameters(model), "steps": steps, "warmup": warmup,
                 "cuda_graphs": graphed.stats() if graphed else None,
+                "execution": {"attention": choices(used_only=True)} if device.type == "cuda" else {},
                 "step_ms": statistics.median(times),
                 "step_ms_min": min(times), "step_ms_all": [round(t, 3) for t in times], "peak_bytes": peak,
                 "peak_kind": PeakMemory(device).kind, **(profile_step(step, device) if profile else {})}
@@ -95,13 +100,42 @@ def profile_step(step: Callable[[], None], device: torch.device, rows: int = 15)
         sync(device)
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1000
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
     return {"host_issue_ms": statistics.median(issue),
             "device_busy_ms": sum(e.self_device_time_total for e in kernels) / 1000 if cuda else None,
+            "device_by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[e.key[:110], e.count, round(e.self_device_time_total / 1000, 3)] for e in top],
             "kernels": sum(e.count for e in kernels), "aten_ops": sum(e.count for e in events
                                                                       if e.key.startswith("aten::")),
             "compile_stats": dict(counters["stats"]),
             "top_device": events.table(sort_by="self_device_time_total", row_limit=rows) if cuda else "",
             "top_host": events.table(sort_by="self_cpu_time_total", row_limit=rows)}
+
+
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind from its name: attention forward / backward, matrix product, convolution, Fourier
+    transform, compiled (Triton), copy, element-wise, reduction, other."""
+    n = name.lower()
+    if any(s in n for s in ("sdpa", "fmha", "flash", "attention")):
+        return "attention_bwd" if any(s in n for s in ("bprop", "bwd", "backward")) else "attention_fwd"
+    if any(s in n for s in ("conv", "dgrad", "wgrad", "depthwise")):
+        return "conv"
+    if "fft" in n:
+        return "fft"
+    if n.startswith("triton"):
+        return "triton"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitk")):
+        return "gemm"
+    if "copy" in n:
+        return "copy"
+    if "reduce" in n:
+        return "reduce"
+    if "elementwise" in n:
+        return "elementwise"
+    return "other"
 
 
 class _Bags:

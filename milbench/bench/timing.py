@@ -4,6 +4,7 @@ peak memory (device allocator or process RSS), the attention kernel preference, 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from pathlib import Path
@@ -189,8 +190,11 @@ SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
 
 def sdpa_preference(name: str):
     """A context preferring one scaled_dot_product_attention kernel (the others stay as fallbacks, in PyTorch's
-    order): the same function, another implementation; "default" leaves PyTorch's choice."""
+    order), also for the attention that otherwise runs the kernel measured fastest per shape
+    (:mod:`milbench.accel.attention`): the same function, another implementation; "default" leaves the choice."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from milbench.accel.attention import forced_kernel
 
     if name not in SDPA_BACKENDS:
         raise MilbenchError(f"--sdpa {name!r}: use one of {', '.join(SDPA_BACKENDS)}")
@@ -199,7 +203,11 @@ def sdpa_preference(name: str):
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel([first] + [b for b in order if b != first], set_priority=True)
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([first] + [b for b in order if b != first], set_priority=True))
+    stack.enter_context(forced_kernel(name))
+    return stack
+
 
 def compile_mode_for(mode: str, device: torch.device) -> str:
     if mode == "auto":
@@ -215,6 +223,9 @@ def guarded(measure: Callable[[], dict[str, Any]], what: dict[str, Any], device:
     except Exception as err:  # report and go on: one failure must not cost the rest of a GPU session
         return {**what, "error": why(err)}
     finally:
+        # a model held only by reference cycles (a compiled block's forward refers back to its module) would still
+        # hold its weights, gradients and graphs in the next measurement's absolute peak
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -58,13 +58,12 @@ class DSMIL(nn.Module):
         critical = c.detach().argmax(dim=0)  # the critical instance of every bin
         q = self.query(x)  # [N, 128]
         q_crit = q[critical]  # [n_bins, 128]
-        b = F.scaled_dot_product_attention(q_crit[None, None], q[None, None], x[None, None])[0]  # [1, n_bins, D]
+        with torch.autocast(x.device.type, enabled=False):  # float32 scores
+            scores = q_crit.float() @ q.float().T  # [n_bins, N]
+        a = torch.softmax(scores / math.sqrt(q.shape[1]), dim=1)  # each critical query's attention over the patches
+        b = (a.to(x.dtype) @ x).unsqueeze(0)  # [1, n_bins, D]: the attended features (values = raw features)
         logits = self.bag_classifier(b).squeeze(-1)  # [1, n_bins]
-        attention = {}
-        if return_attention:
-            with torch.no_grad():
-                a = torch.softmax(q.float() @ q_crit.float().T / math.sqrt(q.shape[1]), dim=0)
-            attention["20x"] = a.mean(dim=1)
+        attention = {"20x": a.detach().float().mean(dim=0)} if return_attention else {}
         return ModelOutput(logits, None, attention, self._tasks(c.max(dim=0).values.unsqueeze(0)))
 
     def forward_packed(self, features: torch.Tensor, segment: torch.Tensor, n_bags: int) -> ModelOutput:

@@ -8,6 +8,7 @@ functions; attention maps are materialised only when asked, in chunks (:func:`ke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -27,16 +28,19 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int, dropout_p: float = 0.0,
-           qk_norm: bool = False, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           qk_norm: bool = False, mask: torch.Tensor | None = None, kernel: Callable | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-head softmax attention of projected queries ``q`` [B, Nq, d] over keys/values [B, Nk, d].
 
-    ``qk_norm`` applies a per-head LayerNorm without affine to queries and keys (ProtoSurv). Returns (output
-    [B, Nq, d], per-head queries and keys [B, h, N, dh], for :func:`key_attention`).
+    ``qk_norm`` applies a per-head LayerNorm without affine to queries and keys (ProtoSurv). ``kernel``: the
+    scaled-dot-product attention function, ``F.scaled_dot_product_attention`` unless given (``milbench.accel`` gives
+    one that picks the fused kernel per shape). Returns (output [B, Nq, d], per-head queries and keys
+    [B, h, N, dh], for :func:`key_attention`).
     """
     qh, kh, vh = split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads)
     if qk_norm:
         qh, kh = F.layer_norm(qh, qh.shape[-1:]), F.layer_norm(kh, kh.shape[-1:])
-    y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p)
+    y = (kernel or F.scaled_dot_product_attention)(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p)
     return merge_heads(y), qh, kh
 
 
@@ -45,8 +49,11 @@ class MultiheadSDPA(nn.Module):
 
     ``attn_dropout`` applies while training; ``dropout_in_eval=True`` reproduces the CrossFusion reference, which
     keeps it on in eval. ``need_weights`` also returns the attention each key receives (averaged over heads and
-    queries, see :func:`key_attention`), computed in chunks so heatmaps never cost N^2 memory.
+    queries, see :func:`key_attention`), computed in chunks so heatmaps never cost N^2 memory. ``kernel`` is the
+    attention function (:func:`attend`); ``milbench.accel`` replaces it on an instance.
     """
+
+    kernel = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(
         self, dim: int, n_heads: int, attn_dropout: float = 0.0, bias: bool = True, dropout_in_eval: bool = False
@@ -70,7 +77,7 @@ class MultiheadSDPA(nn.Module):
         """
         ctx = x if context is None else context
         p = self.attn_dropout if (self.training or self.dropout_in_eval) else 0.0
-        y, q, k = attend(self.q(x), self.k(ctx), self.v(ctx), self.n_heads, p)
+        y, q, k = attend(self.q(x), self.k(ctx), self.v(ctx), self.n_heads, p, kernel=self.kernel)
         return self.out(y), key_attention(q, k) if need_weights else None
 
 

@@ -30,8 +30,11 @@ class NystromAttention(nn.Module):
     sequence (per head) adds a residual on the values. Both N x m softmax products run in
     scaled_dot_product_attention; only the m x m kernel and its pseudo-inverse are formed (in float32).
     ``slicing="last"`` returns the last N rows (nystrom-attention >= 0.0.12, the CrossFusion repository);
-    ``"first"`` returns the first N rows, as nystrom-attention 0.0.9 (the TransMIL repository) does.
+    ``"first"`` returns the first N rows, as nystrom-attention 0.0.9 (the TransMIL repository) does. ``kernel`` is
+    the attention function of both products (``milbench.accel`` replaces it on an instance).
     """
+
+    kernel = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, dim: int, n_heads: int = 8, head_dim: int = 64, n_landmarks: int = 256, pinv_iters: int = 6,
                  residual_kernel: int = 33, dropout: float = 0.0, slicing: str = "last") -> None:
@@ -55,12 +58,12 @@ class NystromAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n + pad, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [B, h, L, dh]
         q_land = q.reshape(b, h, m, -1, dh).mean(3)
         k_land = k.reshape(b, h, m, -1, dh).mean(3)
-        landmark_values = F.scaled_dot_product_attention(q_land, k, v)  # softmax(q_l k^T) v: [B, h, m, dh]
+        landmark_values = self.kernel(q_land, k, v)  # softmax(q_l k^T) v: [B, h, m, dh]
         with torch.autocast(x.device.type, enabled=False):
             kernel = torch.softmax(q_land.float() @ k_land.float().transpose(-1, -2) / math.sqrt(dh), dim=-1)
             kernel_inv = iterative_pinv(kernel, self.pinv_iters)
             mixed = (kernel_inv @ landmark_values.float()).to(landmark_values.dtype)
-        y = F.scaled_dot_product_attention(q, k_land, mixed) + self.residual_conv(v)
+        y = self.kernel(q, k_land, mixed) + self.residual_conv(v)
         y = self.out(y.transpose(1, 2).reshape(b, n + pad, h * dh))
         first = pad if self.slicing == "last" else 0
         weights = None

@@ -33,6 +33,8 @@ class AttentionPool(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` [N, d] -> (pooled [n_segments, d], attention weights [N])."""
         a = segment_softmax(self.score(h).float(), segment, n_segments).to(h.dtype)
+        if segment is None:  # one bag: the attention-weighted sum of its instances
+            return a.unsqueeze(0) @ h, a
         return segment_sum(a.unsqueeze(-1) * h, segment, n_segments), a
 
 
