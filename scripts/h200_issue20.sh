@@ -3,8 +3,8 @@
 #   1. the authors' model code (scripts/anchor_h200.py, their models/ imported from $REF) at avg / p90 / max, and
 #      CrossFusion at four more bag sizes for the per-fold time at the paper's bag-size distribution;
 #   2. `milbench bench` with the same bags (anchor.jsonl and bench.jsonl come from the same machine and run);
-#   3. milbench's CUDA-only tests of the fast paths (tests/accel);
-#   4. the end-to-end epoch benchmark (reference data path and milbench's, same run), scaled down to fit.
+#   3. the end-to-end epoch benchmark (reference data path and milbench's, same run), scaled down to fit;
+#   4. milbench's CUDA-only tests of the fast paths (tests/accel).
 #
 #   OUT=/path/to/results REF=refcode/CrossFusion BUDGET=450 bash scripts/h200_issue20.sh
 #
@@ -43,16 +43,16 @@ DIST_MILBENCH=(--bag 2000 --bag 6000 --bag 25000 --bag 70000)     # N20 at the p
 DIST_AUTHORS=(--bag 125,500,2000 --bag 375,1500,6000 --bag 1563,6250,25000 --bag 4375,17500,70000)
 COMMON=(--in-dim 2048 --device cuda --dtype bf16 --compile blocks --steps 5 --warmup 2)
 
-part anchor 130 "$PY" scripts/anchor_h200.py --ref "$REF" "${MODEL_ARGS[@]}" "${PRESETS[@]}" --out "$OUT/anchor.jsonl"
-part anchor_dist 40 "$PY" scripts/anchor_h200.py --ref "$REF" --model crossfusion "${DIST_AUTHORS[@]}" \
+part anchor 110 "$PY" scripts/anchor_h200.py --ref "$REF" "${MODEL_ARGS[@]}" "${PRESETS[@]}" --out "$OUT/anchor.jsonl"
+part anchor_dist 30 "$PY" scripts/anchor_h200.py --ref "$REF" --model crossfusion "${DIST_AUTHORS[@]}" \
     --out "$OUT/anchor.jsonl"
-part bench 230 "$PY" -m milbench.cli bench "${MODEL_ARGS[@]}" "${PRESETS[@]}" "${COMMON[@]}" \
+part bench 200 "$PY" -m milbench.cli bench "${MODEL_ARGS[@]}" "${PRESETS[@]}" "${COMMON[@]}" \
     --out "$OUT/bench.jsonl" --md "$OUT/bench.md"
-part bench_dist 60 "$PY" -m milbench.cli bench --model crossfusion "${DIST_MILBENCH[@]}" "${COMMON[@]}" \
+part bench_dist 50 "$PY" -m milbench.cli bench --model crossfusion "${DIST_MILBENCH[@]}" "${COMMON[@]}" \
     --out "$OUT/bench.jsonl" --md "$OUT/bench_dist.md"
-part gpu_tests 90 "$PY" -m pytest -q -x tests/accel -p no:cacheprovider
-part epoch 120 "$PY" -m milbench.cli bench --epoch --model crossfusion --patients 200 --size avg --in-dim 2048 \
+part epoch 110 "$PY" -m milbench.cli bench --epoch --model crossfusion --patients 100 --size avg --in-dim 2048 \
     --disk-slides 16 --workers 8 --device cuda --compile blocks --workdir /tmp --out "$OUT/epoch.jsonl" \
     --md "$OUT/epoch.md"
+part gpu_tests 90 "$PY" -m pytest -q -x tests/accel -p no:cacheprovider
 rm -rf /tmp/milbench-bench-* 2>/dev/null
 echo "done in $(( $(date +%s) - START ))s"
