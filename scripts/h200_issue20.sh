@@ -10,7 +10,8 @@
 #
 # $REF holds the CrossFusion repository's models/ and utils/train_utils.py (fetched outside the project; on the
 # device machine a git-ignored copy inside the checkout, carried with the call). Every part runs under a hard time
-# limit taken from what is left of $BUDGET, so a slow part costs only itself.
+# limit taken from what is left of $BUDGET, so a slow part costs only itself. Under $OUT: anchor.jsonl,
+# bench.jsonl, epoch.jsonl (one record per line), log.txt (versions, every part's output), errors.txt.
 set -u
 OUT=${OUT:-results}
 REF=${REF:-refcode/CrossFusion}
@@ -25,16 +26,17 @@ part() {  # part NAME SECONDS CMD...: run CMD under min(SECONDS, time left), out
     local limit; limit=$(left)
     [ "$share" -lt "$limit" ] && limit=$share
     if [ "$limit" -le 10 ]; then echo "== $name: skipped, budget spent" | tee -a "$OUT/errors.txt"; return; fi
-    echo "== $name ($(date +%T), limit ${limit}s)"
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name ($(date +%T), limit ${limit}s)" | tee -a "$OUT/log.txt"
+    timeout --kill-after=10 "$limit" "$@" > "/tmp/$name.log" 2>&1
     local rc=$?
     [ "$rc" -ne 0 ] && echo "- $name: exit code $rc" | tee -a "$OUT/errors.txt"
-    tail -n 25 "$OUT/$name.log"
+    cat "/tmp/$name.log" >> "$OUT/log.txt"
+    tail -n 25 "/tmp/$name.log"
 }
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', \
-torch.backends.cudnn.version())"; } > "$OUT/env.txt" 2>&1
+torch.backends.cudnn.version())"; } > "$OUT/log.txt" 2>&1
 
 MODELS=(crossfusion crossfusion_concat crossfusion_single transmil amil dsmil)
 MODEL_ARGS=(); for m in "${MODELS[@]}"; do MODEL_ARGS+=(--model "$m"); done
@@ -47,12 +49,12 @@ part anchor 110 "$PY" scripts/anchor_h200.py --ref "$REF" "${MODEL_ARGS[@]}" "${
 part anchor_dist 30 "$PY" scripts/anchor_h200.py --ref "$REF" --model crossfusion "${DIST_AUTHORS[@]}" \
     --out "$OUT/anchor.jsonl"
 part bench 200 "$PY" -m milbench.cli bench "${MODEL_ARGS[@]}" "${PRESETS[@]}" "${COMMON[@]}" \
-    --out "$OUT/bench.jsonl" --md "$OUT/bench.md"
+    --out "$OUT/bench.jsonl" --md /tmp/bench.md
 part bench_dist 50 "$PY" -m milbench.cli bench --model crossfusion "${DIST_MILBENCH[@]}" "${COMMON[@]}" \
-    --out "$OUT/bench.jsonl" --md "$OUT/bench_dist.md"
+    --out "$OUT/bench.jsonl" --md /tmp/bench_dist.md
 part epoch 110 "$PY" -m milbench.cli bench --epoch --model crossfusion --patients 100 --size avg --in-dim 2048 \
     --disk-slides 16 --workers 8 --device cuda --compile blocks --workdir /tmp --out "$OUT/epoch.jsonl" \
-    --md "$OUT/epoch.md"
+    --md /tmp/epoch.md
 part gpu_tests 90 "$PY" -m pytest -q -x tests/accel -p no:cacheprovider
 rm -rf /tmp/milbench-bench-* 2>/dev/null
 echo "done in $(( $(date +%s) - START ))s"
