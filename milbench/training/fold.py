@@ -35,7 +35,6 @@ from milbench.files import atomic_path
 from milbench.models.registry import create_model, get_card
 from milbench.survival.binning import fit_bins
 from milbench.survival.losses import get_loss, risk_and_survival
-from milbench.survival.metrics import fold_metrics, logrank_p
 from milbench.tasks.cohort import Cohort
 from milbench.training.contracts import has_priors, head_kind, policies
 from milbench.training.datasets import BagDataset
@@ -121,6 +120,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     ``gpu_fraction``: the share of the GPU this fold was given; its device bag store stays within it
     (:func:`milbench.training.device.store_budget`).
     """
+    from milbench.survival.metrics import fold_metrics, logrank_p  # scikit-survival, lifelines: seconds to import
+
     t_start = time.perf_counter()
     dev = resolve_device(device)
     seed_everything(cfg.seed + fold)

@@ -14,7 +14,6 @@ import torch
 
 from milbench import MilbenchError
 from milbench.survival.binning import assign_bins
-from milbench.survival.metrics import harrell_c
 from milbench.tasks.cohort import Cohort
 
 
@@ -54,6 +53,8 @@ def sample_order(labels: Labels, sampler: str, gen: torch.Generator) -> list[int
 
 def c_or_nan(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     """Harrell's C, NaN when no pair is comparable (a tiny fold or inner split can have no event)."""
+    from milbench.survival.metrics import harrell_c  # scikit-survival: imported when a fold is scored
+
     try:
         return harrell_c(time, event, risk)
     except MilbenchError:
