@@ -128,10 +128,26 @@ def grid(
 
 @app.command()
 def benchmark(
-    config: Path = typer.Argument(..., help="Benchmark file, e.g. benchmarks/synthetic.toml."),
+    config: Path = typer.Argument(..., help="Benchmark file, e.g. benchmarks/synthetic.toml or "
+                                  "benchmarks/crossfusion_midl2026.toml."),
+    features: Optional[str] = typer.Option(None, help="TCGA files: features root template, e.g. "
+                                           "'/data/tcga/{cohort}/{backbone}' ({cohort} tcga_blca, {short} blca, "
+                                           "{COHORT} BLCA, {backbone} resnet50); default: the file's."),
     models: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's models (default: all)."),
+    cohorts: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's TCGA cohorts or "
+                                          "scenarios (default: all)."),
+    backbones: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's backbones."),
+    protocols: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's protocols."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated subset of the file's seeds (default: all)."),
-    dry_run: bool = typer.Option(False, help="Write the cohorts and print the plan; train nothing."),
+    folds: Optional[str] = typer.Option(None, help="Folds to run, e.g. 0,1 (default: all)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field or model option for every job: "
+                                   "key=value (changes the runs' identity)."),
+    runs_dir: Optional[Path] = typer.Option(None, help="Run store (default: the file's runs_dir)."),
+    exclude_missing: bool = typer.Option(False, help="Drop slides without feature files (listed in each record)."),
+    dry_run: bool = typer.Option(False, help="Train nothing: print the plan (synthetic cohorts are written), and "
+                                 "for TCGA files what the features root holds and an estimate of GPU-hours."),
+    gpus: int = typer.Option(1, help="Dry run: the GPUs to estimate the wall-clock time for."),
+    list_missing: bool = typer.Option(False, help="Dry run: list every missing slide (default: the first 10)."),
     executor: str = EXECUTOR,
     ray_address: Optional[str] = RAY_ADDRESS,
     gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
@@ -142,31 +158,58 @@ def benchmark(
     compile_: bool = COMPILE,
     no_wait: bool = NO_WAIT,
 ) -> None:
-    """Run a benchmark file: write its synthetic cohorts, then every model x scenario x seed x fold (resumable)."""
+    """Run a benchmark file: every model x cohort (x backbone x protocol) x seed x fold, resumable; a TCGA file's
+    runs are then set beside the paper's figures (RUNS/leaderboard/paper.md)."""
+    from milbench import MilbenchError
+    from milbench.cli.benchmark_view import print_dry_run, print_paper
     from milbench.config.benchmark import load_spec
-    from milbench.runs.benchmark import benchmark_jobs, prepare_cohorts
+    from milbench.config.run import parse_set
+    from milbench.runs.benchmark import benchmark_jobs, cohort_specs, dry_run as dry, prepare_cohorts, write_sidecar
     from milbench.runs.drive import drive
     from milbench.runs.executors import check_executor
     from milbench.runs.jobs import plan
 
     check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
     check_device(device)
+    if gpus < 1:
+        raise MilbenchError(f"--gpus {gpus}: give the number of GPUs to estimate for, at least 1")
     spec = load_spec(config)
+    runs = runs_dir if runs_dir is not None else spec.runs_dir
+    subset = {"models": split_list(models, "--models") if models else None,
+              "seeds": [int(s) for s in split_list(seeds, "--seeds")] if seeds else None,
+              "protocols": split_list(protocols, "--protocols") if protocols else None,
+              "folds": parse_folds(folds), "overrides": parse_set(set_)}
+    picked = {"cohorts": split_list(cohorts, "--cohorts") if cohorts else None,
+              "backbones": split_list(backbones, "--backbones") if backbones else None}
+    if spec.kind == "tcga" and dry_run:
+        print_dry_run(console, spec, dry(spec, features, runs, gpus, **picked, **subset,
+                                         exclude_missing=exclude_missing), runs, list_missing)
+        return
     tables = prepare_cohorts(spec, lambda name, fresh: console.print(
         f"cohort {name}: {'written' if fresh else 'present'} in {spec.data_dir / name}", highlight=False))
-    jobs = benchmark_jobs(spec, tables, split_list(models, "--models") if models else None,
-                          [int(s) for s in split_list(seeds, "--seeds")] if seeds else None)
-    todo, skipped = plan(jobs, spec.runs_dir)
-    console.print(f"benchmark {spec.name}: {len(jobs)} folds ({len({j.cfg.model for j in jobs})} models x "
-                  f"{len(spec.scenarios)} scenarios x {len({j.cfg.seed for j in jobs})} seeds x {spec.cohort.folds} "
-                  f"folds); "
-                  f"{len(todo)} to run, {skipped} already complete in {spec.runs_dir}", highlight=False)
-    if dry_run or not todo:
+    specs = cohort_specs(spec, tables, features, exclude_missing=exclude_missing, **picked)
+    jobs = benchmark_jobs(spec, tables, subset["models"], subset["seeds"], specs=specs, folds=subset["folds"],
+                          protocols=subset["protocols"], overrides=subset["overrides"])
+    todo, skipped = plan(jobs, runs)
+    n = {k: len({getattr(j.cfg, k) for j in jobs}) for k in ("model", "seed", "cohort", "backbone", "protocol")}
+    shape = (f"{n['model']} models x {n['cohort']} cohorts x {n['backbone']} backbones x {n['protocol']} protocols x "
+             f"{n['seed']} seeds x {len({j.fold for j in jobs})} folds" if spec.kind == "tcga" else
+             f"{n['model']} models x {len(specs)} scenarios x {n['seed']} seeds x {len({j.fold for j in jobs})} folds")
+    console.print(f"benchmark {spec.name}: {len(jobs)} folds ({shape}); {len(todo)} to run, {skipped} already "
+                  f"complete in {runs}", highlight=False)
+    if dry_run:
         return
-    report = drive(jobs, todo, spec.runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
-                   max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries,
-                   compile=compile_, wait=not no_wait)
-    finish(jobs, spec.runs_dir, report)
+    if spec.kind == "tcga":
+        write_sidecar(spec, runs)
+    report = None
+    if todo:
+        report = drive(jobs, todo, runs, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
+                       max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold,
+                       retries=retries, compile=compile_, wait=not no_wait)
+    if spec.kind == "tcga":
+        print_paper(console, runs)
+    if report is not None:
+        finish(jobs, runs, report)
 
 
 @app.command()

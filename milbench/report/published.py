@@ -47,3 +47,59 @@ def load(name: str) -> ReportedTable:
     comment = " ".join(line.lstrip("#").strip() for line in lines if line.startswith("#"))
     frame = pd.read_csv(io.StringIO("\n".join(line for line in lines if not line.startswith("#"))))
     return ReportedTable(name, comment, frame)
+
+
+# milbench model -> its row in Table 1 (the paper's names).
+PAPER_ROWS = {"amil": "AMIL", "dsmil": "DSMIL", "transmil": "TransMIL", "deepgraphsurv": "DeepGraphSurv",
+              "patchgcn": "PatchGCN", "scmil": "SCMIL", "protosurv": "ProtoSurv", "zoommil": "ZoomMIL",
+              "mustmil": "MuSTMIL", "csmil": "CSMIL", "crossfusion_concat": "CrossFusion w/o CP",
+              "crossfusion_single": "CrossFusion w/o F&C", "crossfusion": "CrossFusion"}
+TABLE1_BACKBONE = "resnet50"  # every method of Table 1 uses ResNet-50 features
+
+
+def _key(name: str) -> str:
+    """Backbone names compared without case and punctuation: ``UNI2-h``, ``uni2_h`` and ``uni2h`` are one."""
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def paper_cohort(cohort: str) -> str:
+    """``tcga_blca`` -> ``BLCA``, the column names of the published tables."""
+    return cohort.removeprefix("tcga_").upper()
+
+
+def backbone_width(backbone: str) -> int | None:
+    """The feature width Table 2 gives for a backbone (``resnet50`` 2048, ``conch`` 512, ...), None if not listed."""
+    frame = load("table2").frame
+    hit = frame[frame.backbone.map(_key) == _key(backbone)]
+    return int(hit.backbone_dim.iloc[0]) if len(hit) else None
+
+
+def reported_c(model: str, cohort: str, backbone: str) -> tuple[float, float, str] | None:
+    """The published C-index (mean, std, source table) of a milbench model on a TCGA cohort at a backbone, or
+    None where the paper has no such figure: Table 1 at ResNet-50 for its thirteen models, Table 2 for
+    CrossFusion at the other backbones."""
+    column = paper_cohort(cohort)
+    if not cohort.startswith("tcga_") or model not in PAPER_ROWS:
+        return None
+    if _key(backbone) == _key(TABLE1_BACKBONE):
+        t1 = load("table1")
+        row = t1.frame[t1.frame.model == PAPER_ROWS[model]]
+        if column in t1.cohorts and len(row):
+            return float(row[f"{column}_mean"].iloc[0]), float(row[f"{column}_std"].iloc[0]), "Table 1"
+        return None
+    if model != "crossfusion":
+        return None
+    t2 = load("table2")
+    row = t2.frame[t2.frame.backbone.map(_key) == _key(backbone)]
+    if column in t2.cohorts and len(row):
+        return float(row[f"{column}_mean"].iloc[0]), float(row[f"{column}_std"].iloc[0]), "Table 2"
+    return None
+
+
+def reported_logrank(model: str, cohort: str, backbone: str) -> float | None:
+    """The published log-rank p of CrossFusion's high/low risk groups (ResNet-50 only), or None."""
+    if model != "crossfusion" or _key(backbone) != _key(TABLE1_BACKBONE):
+        return None
+    frame = load("pvalues").frame
+    hit = frame[frame.cohort == paper_cohort(cohort)]
+    return float(hit.p_value.iloc[0]) if len(hit) else None
