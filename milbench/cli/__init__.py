@@ -26,6 +26,7 @@ _CLICK = (click.ClickException, _vendored.ClickException)
 
 from milbench import MilbenchError
 from milbench.cli import bench, extract, info, leaderboard, plot, run, splits  # noqa: F401  (registers commands)
+from milbench.cli import submit  # noqa: F401  (registers `milbench submit`)
 from milbench.cli.app import app
 
 app.add_typer(splits.app, name="splits", help="Import, audit and make patient-level splits.")
