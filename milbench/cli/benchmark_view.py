@@ -52,7 +52,8 @@ def print_dry_run(console: Console, spec: BenchmarkSpec, result: DryRun, runs_di
     console.print("bag = patches per patient (its slides summed) among the patients whose slides are all there",
                   highlight=False)
     for inv in invs:
-        console.print(f"{inv.cohort} · {inv.backbone}: root {inv.root}", highlight=False)
+        where = "" if inv.root.is_dir() else " (does not exist)"
+        console.print(f"{inv.cohort} · {inv.backbone}: root {inv.root}{where}", highlight=False)
         if inv.missing:
             per = ", ".join(f"{n} at {s}" for s, n in inv.missing_by_scale.items() if n)
             shown = inv.missing if list_missing else inv.missing[:SHOWN_MISSING]
