@@ -1,4 +1,5 @@
-"""The leaderboard as one self-contained HTML page: inline CSS and JavaScript, no external assets, works offline.
+"""The leaderboard as one self-contained HTML page: inline CSS and JavaScript, figures embedded as data URIs, no
+external assets, works offline. Each table scrolls sideways inside the page column when it is wider than it.
 
 Every table sorts by a click on its header (numbers by value, missing values last, group headings stay in place:
 rows sort within their group). A fragment ``#sort=TABLE_ID:COLUMN:asc|desc`` (several joined by ``;``) sorts
@@ -7,11 +8,14 @@ on load, so a sorted view can be linked to.
 
 from __future__ import annotations
 
+import base64
 import re
 from html import escape
+from pathlib import Path
 
-from milbench.report.aggregate import INCOMPLETE, SIGNIFICANT
-from milbench.report.document import Block, Cell, Section
+from milbench.report.aggregate import INCOMPLETE, SIGNIFICANT, TIED
+from milbench.report.document import Block, Cell, Figure, Section
+from milbench.report.tables import REFERENCE
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;
@@ -26,6 +30,8 @@ tr.group th{text-align:left;font-style:italic;font-weight:600;background:#f3f6fa
 td .sub{color:#777;font-size:.8em;margin-left:.3em}td .marks{color:#b00;margin-left:.15em}
 td.best{font-weight:700}td.second{text-decoration:underline}
 p.note{color:#555;font-size:.9em;margin:.2em 0 1em}
+div.scroll{overflow-x:auto;max-width:100%}
+figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
 """
 
 JS = """
@@ -78,7 +84,9 @@ def _cell(c: Cell) -> str:
         attrs += f' data-value="{c.value:.12g}"'
     tips = [f"{c.sub.replace('×', ' folds × ')} seeds"] if c.sub else []
     tips += ["incomplete"] if INCOMPLETE in c.marks else []
-    tips += ["differs from the column's best (Holm-adjusted)"] if SIGNIFICANT in c.marks else []
+    tips += ["differs from the reference (Holm-adjusted)"] if SIGNIFICANT in c.marks else []
+    tips += ["the reference of the paired comparisons"] if REFERENCE in c.marks else []
+    tips += ["tied: the paired test cannot tell it from the leader (or the runner-up)"] if TIED in c.marks else []
     if tips:
         attrs += f' title="{escape("; ".join(tips))}"'
     body = escape(c.text)
@@ -102,8 +110,20 @@ def _table(b: Block) -> str:
         bodies.append(current)
     body = "".join("<tbody>" + "".join(rows) + "</tbody>" for rows in bodies) or "<tbody></tbody>"
     notes = "".join(f'<p class="note">{escape(n)}</p>' for n in b.notes)
-    return (f'<h3>{escape(b.title)}</h3>\n<table class="sortable" id="{escape(b.key)}"><thead><tr>{head}</tr></thead>'
-            f"{body}</table>\n{notes}")
+    return (f'<h3>{escape(b.title)}</h3>\n<div class="scroll"><table class="sortable" id="{escape(b.key)}"><thead><tr>'
+            f"{head}</tr></thead>{body}</table></div>\n{notes}")
+
+
+def _figure(f: Figure, assets: Path | None) -> str:
+    """The figure's PNG embedded as a data URI (read from ``assets``), with its caption."""
+    png = assets / f"{f.stem}.png" if assets is not None else None
+    caption = escape(" ".join([f.title + ".", *f.notes]))
+    if png is None or not png.is_file():
+        return f'<h3>{escape(f.title)}</h3>\n<p class="note">Figure {escape(f.stem)}.png not written.</p>'
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return (f'<h3>{escape(f.title)}</h3>\n<figure id="{escape(f.key)}"><img alt="{escape(f.title)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{caption} PDF beside this page: '
+            f"<code>{escape(f.stem)}.pdf</code>.</figcaption></figure>")
 
 
 def _text(text: str) -> str:
@@ -111,13 +131,14 @@ def _text(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
 
 
-def render_html(title: str, sections: list[Section]) -> str:
-    """A complete HTML document holding every section and table, with its styles and sorting script inline."""
+def render_html(title: str, sections: list[Section], assets: Path | None = None) -> str:
+    """A complete HTML document holding every section and table, with its styles and sorting script inline;
+    figures are read from ``assets`` (the folder they were written to) and embedded."""
     parts = []
     for sec in sections:
         parts.append(f'<section><h2>{escape(sec.title)}</h2>')
         parts += [f"<p>{_text(t)}</p>" for t in sec.text if t]
-        parts += [_table(b) for b in sec.blocks]
+        parts += [_figure(b, assets) if isinstance(b, Figure) else _table(b) for b in sec.blocks]
         parts.append("</section>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"

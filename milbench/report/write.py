@@ -1,4 +1,5 @@
-"""Writing a leaderboard: the asked formats (md, tex, html, csv) into one folder."""
+"""Writing a leaderboard: the asked formats (md, tex, html, csv) into one folder, with the critical-difference
+diagrams (PNG and PDF) beside them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from milbench.report.document import document
 from milbench.report.html import render_html
 from milbench.report.latex import render_latex
 from milbench.report.markdown import render_markdown
+from milbench.report.ranking import write_cd_diagrams
 
 
 def parse_formats(text: str) -> list[str]:
@@ -26,27 +28,48 @@ def parse_formats(text: str) -> list[str]:
 
 
 def write(lb: Leaderboard | None, out: Path, formats: Iterable[str] = FORMATS) -> list[Path]:
-    """Write the leaderboard (``None``: the reported block alone) in the asked formats; returns the files."""
+    """Write the leaderboard (``None``: the reported block alone) in the asked formats, and its critical-difference
+    diagrams; returns the files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     title, sections = document(lb)
     stem = "leaderboard" if lb is not None else "reported"
-    paths = []
+    paths = write_cd_diagrams(lb.ranks, out, lb.metric) if lb is not None else []
     for fmt in formats:
         if fmt == "csv":
             paths += _write_csv(lb, out)
             continue
-        text = {"md": render_markdown, "tex": render_latex, "html": render_html}[fmt](title, sections)
+        if fmt == "html":
+            text = render_html(title, sections, out)
+        else:
+            text = {"md": render_markdown, "tex": render_latex}[fmt](title, sections)
         path = out / f"{stem}.{fmt}"
         path.write_text(text)
         paths.append(path)
     return paths
 
 
+def _ranks_frame(lb: Leaderboard) -> pd.DataFrame:
+    """One row per ranked model and analysis: average rank, the Friedman test and the post-hoc verdict."""
+    rows = []
+    for r in lb.ranks:
+        f, post = r.analysis.friedman, r.analysis.posthoc
+        for label in r.labels:
+            rows.append({"protocol": r.protocol, "backbone": r.backbone, "model": label,
+                         "avg_rank": r.analysis.avg_ranks[label], "cohorts": len(r.cohorts),
+                         "friedman_chi2": f.statistic, "friedman_p": f.p, "iman_davenport_f": f.iman_davenport,
+                         "iman_davenport_p": f.p_iman_davenport, "posthoc": post.method, "cd": post.cd,
+                         "clique": " | ".join(", ".join(c) for c in post.cliques if label in c)})
+    return pd.DataFrame(rows, columns=["protocol", "backbone", "model", "avg_rank", "cohorts", "friedman_chi2",
+                                       "friedman_p", "iman_davenport_f", "iman_davenport_p", "posthoc", "cd", "clique"])
+
+
 def _write_csv(lb: Leaderboard | None, out: Path) -> list[Path]:
     frames: dict[str, pd.DataFrame] = {}
     if lb is not None:
+        tests = pd.DataFrame([vars(t) for t in lb.tests.values()]) if lb.tests else pd.DataFrame()
         frames |= {"leaderboard": lb.cells, "folds": lb.folds, "pooled": lb.pooled, "comparisons": lb.comparisons,
+                   "pairs": tests.sort_values(["a", "b"]) if len(tests) else tests, "ranks": _ranks_frame(lb),
                    "runs": lb.runs}
     for name in published.TABLES:
         frames[f"reported_{name}"] = published.load(name).frame

@@ -135,12 +135,39 @@ def evaluation_times(train_time, time, event) -> np.ndarray:
     return times[(times >= lo) & (times < hi)]
 
 
-def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges) -> dict[str, float]:
+def cohort_times(time, event, held_out: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                 quantiles=EVAL_QUANTILES) -> tuple[np.ndarray, str]:
+    """One time grid for IBS and td-AUC for every fold of a cohort, fixed before any fold is scored.
+
+    The grid is the ``quantiles`` of the whole cohort's event times. ``held_out`` lists each fold's (held-out,
+    training) times; a grid time is kept only where every fold can be scored on it (the ``evaluation_times`` window
+    of each fold: min(held-out), min(training) <= t < max(held-out), max(training)), so all folds share the grid.
+    Returns the grid and a note naming the times dropped ("" when none).
+    """
+    time = np.asarray(time, dtype=float)
+    events = time[np.asarray(event, dtype=bool)]
+    if events.size == 0:
+        return np.empty(0), "no event in the cohort: no evaluation times"
+    grid = np.unique(np.quantile(events, quantiles))
+    keep = np.ones(grid.size, dtype=bool)
+    for test, train in held_out or []:
+        test, train = np.asarray(test, dtype=float), np.asarray(train, dtype=float)
+        if test.size == 0 or train.size == 0:
+            continue
+        lo, hi = max(test.min(), train.min()), min(test.max(), train.max())
+        keep &= (grid >= lo) & (grid < hi)
+    note = "" if keep.all() else (f"{int((~keep).sum())} of the cohort's {grid.size} quantile times lie outside some "
+                                  f"fold's follow-up and were dropped: {np.round(grid[~keep], 4).tolist()}")
+    return grid[keep], note
+
+
+def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges, times=None) -> dict[str, float]:
     """c_index, uno_c, ibs and td_auc (mean) of one held-out fold; a metric that cannot be computed is NaN, logged.
 
     ``risk`` [n] and ``surv_bins`` [n, n_bins] are the head's outputs, ``edges`` the fold's bin edges; ``surv_bins``
     is None for a head without a survival curve (cox), and IBS is then NaN. Uno's C is truncated at the last training
-    time; IBS and td-AUC use ``evaluation_times``.
+    time. IBS and td-AUC use ``times`` when given (the cohort's fixed grid, ``cohort_times``: every fold scored on the
+    same times, so folds are comparable), else the fold's own ``evaluation_times``.
     """
     train_time, train_event, _ = _check("fold_metrics (training fold)", train_time, train_event, need_event=False)
     scores = (risk,) if surv_bins is None else (risk, surv_bins)
@@ -148,7 +175,7 @@ def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges) -
     surv_bins = curves[0] if curves else None
     if surv_bins is not None:
         survival_at(surv_bins, edges, [])  # checks surv_bins [n, n_bins] against the edges before any metric runs
-    times = evaluation_times(train_time, time, event)
+    times = evaluation_times(train_time, time, event) if times is None else np.asarray(times, dtype=float).reshape(-1)
     # Censor held-out follow-up at the last training time: IBS and td-AUC at times below it are unchanged (such
     # patients are controls there), and the training censoring estimate is never asked to extrapolate.
     cut = train_time.max()

@@ -1,5 +1,5 @@
 """The HTML leaderboard: one self-contained page, rendered by headless Chromium, its tables read back."""
-from milbench.report.aggregate import build
+from milbench.report.aggregate import Options, build
 from milbench.report.write import write
 
 import re
@@ -23,8 +23,8 @@ def page(tmp_path_factory):
     for model, quality in (("crossfusion", 1.5), ("amil", 0.8), ("transmil", 0.2), ("crossfusion_single", 1.0)):
         for cohort in ("tcga_blca", "tcga_luad"):
             write_run(runs, Spec(model, cohort, quality, folds=(0, 1, 2) if model == "transmil" else (0, 1, 2, 3, 4)))
-    board = build(runs, n_boot=50)
-    (path,) = write(board, runs.parent / "out", ["html"])
+    board = build(runs, options=Options(n_boot=50, paired_boot=500))
+    path = next(p for p in write(board, runs.parent / "out", ["html"]) if p.suffix == ".html")
     return board, path
 
 
@@ -89,9 +89,18 @@ def _check_main_table(board, rows):
             r = cells[(cells.index == label)].set_index("cohort").loc[f"tcga_{cohort.lower()}"]
             assert text.startswith(f"{r['mean']:.3f} ± {r['std']:.3f}{r.folds}×{r.seeds}")
             assert float(attrs["data-value"]) == pytest.approx(r["mean"], rel=1e-9)
-            assert ("best" in (attrs.get("class") or "")) == (r["rank"] == 1)
-            assert ("second" in (attrs.get("class") or "")) == (r["rank"] == 2)
+            assert ("best" in (attrs.get("class") or "")) == (r["mark"] == "best")
+            assert ("second" in (attrs.get("class") or "")) == (r["mark"] == "second")
             assert text.endswith("†") == (not r.complete)
+
+
+def test_tables_scroll_inside_the_page_column(page):
+    _, path = page
+    html = path.read_text()
+    assert "div.scroll{overflow-x:auto;max-width:100%}" in html
+    n_tables = html.count("<table ")
+    assert n_tables > 5 and html.count('<div class="scroll"><table ') == n_tables == html.count("</table></div>")
+    assert "figure img{max-width:100%" in html and 'src="data:image/png;base64,' in html
 
 
 def _chromium(url, tmp_path):

@@ -8,33 +8,21 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from lifelines.statistics import logrank_test
-from scipy import stats as sps
 from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
 from sksurv.util import Surv
-from statsmodels.stats.multitest import multipletests
 
 from milbench import MilbenchError
 from milbench.report import published as reference
-from milbench.survival.binning import fit_bins
-from milbench.survival.metrics import fold_metrics
-from milbench.report.aggregate import FORMATS, build, fold_table, load_folds, pooled_table, summary
+from milbench.report.aggregate import FORMATS, build, fold_table, summary
+from milbench.report.cells import fmt_num
 from milbench.report.document import _main_block, cohort_title, document
 from milbench.report.latex import to_latex
 from milbench.report.markdown import render_markdown, to_markdown
 from milbench.report.write import parse_formats, write
-from tests.runstore import CACHED, COHORTS, ORACLE, Spec, standard_store, write_run
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("leaderboard") / "runs"
-    return runs, standard_store(runs)
-
-
-@pytest.fixture(scope="module")
-def board(store):
-    return build(store[0], n_boot=200, seed=0)
+from milbench.survival.binning import fit_bins
+from milbench.survival.metrics import cohort_times, fold_metrics
+from tests.report.conftest import find_cell as _cell
+from tests.runstore import CACHED, COHORTS, ORACLE, Spec, cohort_labels, write_run
 
 
 def _c(pred):
@@ -49,16 +37,6 @@ def _per_fold(seeds, score=lambda wf: _c(wf.predictions)):
         for wf in written:
             values.setdefault(wf.fold, []).append(score(wf))
     return {k: float(np.mean(v)) for k, v in sorted(values.items())}
-
-
-def _cell(board, protocol, cohort, backbone, model, lr):
-    cells = board.cells
-    rows = cells[(cells.protocol == protocol) & (cells.cohort == cohort) & (cells.backbone == backbone)
-                 & (cells.model == model)]
-    if len(rows) > 1:
-        rows = rows[rows.variant_label == f"lr={lr:g}"]
-    assert len(rows) == 1
-    return rows.iloc[0]
 
 
 def _md_rows(md, title_part):
@@ -99,24 +77,25 @@ def test_every_cell_is_recomputed_from_predictions(store, board):
         plain = re.sub(r"\*\*|</?ins>", "", shown)
         assert plain.startswith(f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} ({len(values)}×{len(seeds)})")
     assert f"{CACHED}" not in md and f"{CACHED:.3f}" not in md  # cached record metrics are never shown
-    header, rows = _md_table(md, "Pooled out-of-fold predictions — protocol fixed, backbone default")
+    header, rows = _md_table(md, "Pooled out-of-fold C-index (Harrell) — protocol fixed, backbone default")
     assert header[-1] == "Oracle C" and {cells[-1] for cells in rows.values()} == {f"{ORACLE:.3f}"}
 
 
-def test_best_bold_second_underlined_incomplete_marked_never_ranked(board):
+def test_incomplete_cells_are_marked_and_never_bold(board):
     md = to_markdown(board)
     header, rows = _md_table(md, "protocol fixed, backbone default")
     for cohort in COHORTS:
         part = board.cells[(board.cells.protocol == "fixed") & (board.cells.backbone == "default")
                            & (board.cells.cohort == cohort)]
-        complete = part[part.complete].sort_values("mean", ascending=False)
         assert set(part[~part.complete].model) == {"crossfusion_single", "dsmil"}  # a seed missing; 3 folds of 5
         col = header.index(cohort_title(cohort)) - 1
         for _, r in part.iterrows():
             text = rows[_row_label(r)][col]
-            assert text.startswith("**") == (r.variant == complete.iloc[0].variant)
-            assert text.startswith("<ins>") == (r.variant == complete.iloc[1].variant)
             assert ("†" in text) == (not r.complete)
+            assert text.startswith("**") == (r["mark"] == "best")
+            assert text.startswith("<ins>") == (r["mark"] == "second")
+            if not r.complete:
+                assert r["mark"] is None and "≈" not in text
 
 
 def _row_label(r):
@@ -140,69 +119,6 @@ def test_protocols_are_never_ranked_together(board):
     assert "## Protocol: best-val" in md and "## Protocol: fixed" in md
     header, rows = _md_table(md, "protocol fixed, backbone default")
     assert "AMIL" not in rows  # the best-val AMIL run has no row here
-
-
-def test_pooled_statistics_match_sksurv_and_lifelines(store, board):
-    _, written = store
-    for (protocol, cohort, backbone, model, lr), seeds in written.items():
-        cell = _cell(board, protocol, cohort, backbone, model, lr)
-        row = board.pooled[(board.pooled.variant == cell.variant)].iloc[0]
-        pooled = [pd.concat([wf.predictions for wf in w]) for w in seeds]
-        assert row.pooled_c == pytest.approx(np.mean([_c(p) for p in pooled]))
-        ps = []
-        for p in pooled:
-            high = p.risk > p.train_median_risk
-            ps.append(logrank_test(p.time[high], p.time[~high], p.event[high], p.event[~high]).p_value)
-        assert row.logrank_p == pytest.approx(np.median(ps))
-        assert row.patients == len(pooled[0]) and row.seeds == len(seeds)
-        assert row.ci_low <= row.pooled_c <= row.ci_high
-
-
-def test_pooled_bootstrap_is_seeded(tmp_path):
-    write_run(tmp_path, Spec("amil", "tcga_blca", 1.0))
-    loaded = load_folds(tmp_path)
-    folds = fold_table(tmp_path)
-    first = pooled_table(loaded, folds, n_boot=100, seed=1)
-    pd.testing.assert_frame_equal(first, pooled_table(loaded, folds, n_boot=100, seed=1))
-    assert first.ci_low.iloc[0] != pooled_table(loaded, folds, n_boot=100, seed=2).ci_low.iloc[0]
-
-
-def test_paired_comparisons_match_scipy_and_statsmodels(store, board):
-    _, written = store
-    for cohort in COHORTS:
-        fam = board.cells[(board.cells.protocol == "fixed") & (board.cells.backbone == "default")
-                          & (board.cells.cohort == cohort)]
-        best = fam[fam["rank"] == 1].iloc[0]
-        runs_here = [(m, lr) for (p, c, b, m, lr) in written if (p, c, b) == ("fixed", cohort, "default")]
-        best_folds = _per_fold(written[("fixed", cohort, "default", best.model, _lr(best))])
-        expected = []
-        for model, lr in runs_here:
-            cell = _cell(board, "fixed", cohort, "default", model, lr)
-            if cell.variant == best.variant:
-                continue
-            mine = _per_fold(written[("fixed", cohort, "default", model, lr)])
-            common = sorted(set(mine) & set(best_folds))
-            a, b = np.array([mine[k] for k in common]), np.array([best_folds[k] for k in common])
-            t_rel = sps.ttest_rel(a, b).statistic
-            j = len(common)
-            t = t_rel * np.sqrt((1 / j) / (1 / j + 12 / 48))  # 5-fold CV of 60 patients: n_test / n_train = 12 / 48
-            expected.append((cell.variant, t, 2 * sps.t.sf(abs(t), j - 1), j))
-        adjusted = multipletests([e[2] for e in expected], method="holm")[1]
-        comp = board.comparisons[(board.comparisons.cohort == cohort) & (board.comparisons.protocol == "fixed")
-                                 & (board.comparisons.backbone == "default")].set_index("variant")
-        assert len(comp) == len(expected)
-        for (variant, t, p, j), p_adj in zip(expected, adjusted):
-            got = comp.loc[variant]
-            assert (got.t, got.p, got.p_holm, got.folds) == pytest.approx((t, p, p_adj, j))
-            assert got.significant == (p_adj < 0.05)
-            cell = board.cells[board.cells.variant == variant].iloc[0]
-            assert cell.significant == (p_adj < 0.05)
-    assert board.comparisons.significant.any() and not board.comparisons.significant.all()
-    assert "*" in to_markdown(board).split("protocol fixed, backbone default")[1].split("###")[0]
-
-
-def _lr(cell):
-    return 0.01 if cell.variant_label == "lr=0.01" else 0.001
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +153,10 @@ def test_missing_training_labels_are_a_note(tmp_path):
     write_run(tmp_path, Spec("amil", "tcga_blca", 1.0, folds=(0, 1)))
     board = build(tmp_path, metric="uno_c", n_boot=0)
     assert board.folds.uno_c.isna().all() and board.folds.c_index.notna().all()
-    assert len(board.notes) == 2 and all("training fold's labels" in n for n in board.notes)
-    assert "Note: " in to_markdown(board)
+    fold_notes = [n for n in board.notes if "training fold's labels" in n]
+    assert len(fold_notes) == 2 and all("fold_" in n for n in fold_notes)
+    assert any("no pooled uno_c" in n and "training folds' labels" in n for n in board.notes)
+    assert np.isnan(board.pooled.pooled.iloc[0]) and "Note: " in to_markdown(board)
 
 
 @pytest.mark.parametrize("metric", ["ibs", "td_auc"])
@@ -246,12 +164,15 @@ def test_ibs_and_td_auc_equal_fold_metrics_on_the_true_training_fold(store, boar
     _, written = store
     seeds = written[("fixed", "tcga_blca", "default", "amil", 0.001)]
     variant = _cell(board, "fixed", "tcga_blca", "default", "amil", 0.001).variant
+    labels = cohort_labels("tcga_blca")  # the whole cohort: its grid is fixed before any fold is scored
+    grid, _ = cohort_times(labels.time, labels.event, [(labels.time[labels.fold == k], labels.time[labels.fold != k])
+                                                        for k in range(5)])
     expected = []
     for wf in seeds[0] + seeds[1]:
         p, tr = wf.predictions, wf.train
         surv = p[[f"surv_{j}" for j in range(4)]].to_numpy()
         edges = fit_bins(tr.time.to_numpy(), tr.event.to_numpy())
-        expected.append(fold_metrics(tr.time, tr.event, p.time, p.event, p.risk, surv, edges)[metric])
+        expected.append(fold_metrics(tr.time, tr.event, p.time, p.event, p.risk, surv, edges, times=grid)[metric])
     got = ipcw_folds[ipcw_folds.variant == variant].sort_values(["seed", "fold"])[metric].to_numpy()
     np.testing.assert_allclose(got, expected)
 
@@ -286,8 +207,9 @@ def test_reported_block_is_labelled_with_the_papers_protocol(board):
     assert len(t1.frame) == 13 and t1.cohorts == ["BLCA", "BRCA", "COAD", "GBMLGG", "LUAD", "UCEC"]
     assert "Table 1" in t1.comment and "best validation-epoch" in t1.comment
     header, rows = _md_table(reported, "Reported: Table 1")
-    assert rows["CrossFusion"][0] == "**0.630 ± 0.027**"
-    assert rows["CrossFusion w/o CP"][0] == "<ins>0.627 ± 0.014</ins>"
+    assert rows["CrossFusion"][0] == "0.630 ± 0.027"  # no bold: nothing can test the paper's figures apart
+    assert rows["CrossFusion w/o CP"][0] == "0.627 ± 0.014" and "<ins>" not in reported
+    assert not re.search(r"\| \*\*[0-9]", reported)  # bold only on group headings
     assert reference.load("pvalues").frame.set_index("cohort").p_value["GBMLGG"] == pytest.approx(2.30e-39)
     assert reference.load("table2").frame.set_index("backbone").loc["uni2-h", "mean"] == pytest.approx(0.698)
 
@@ -301,18 +223,40 @@ def test_ours_beside_reported_when_cells_match(tmp_path):
     assert float(rows["CrossFusion"][5]) == pytest.approx(board.cells["mean"].iloc[0] - 0.630, abs=6e-4)
 
 
-def test_latex_marks_best_and_escapes(board):
+def test_latex_breaks_tables_across_pages_and_escapes(board):
     tex = to_latex(board)
-    assert r"\textbf{" in tex and r"\underline{" in tex and r"$\pm$" in tex and "synthetic\\_coarse" in tex
-    assert r"_{3\times2}^{\dagger}$" in tex and r"\begin{tabular}" in tex
-    assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") > 5
+    assert r"$\pm$" in tex and "synthetic\\_coarse" in tex and r"_{3\times2}^{\dagger}$" in tex
+    assert r"\begin{tabular}" not in tex and r"\begin{table}" not in tex
+    blocks = [b for sec in document(board)[1] for b in sec.blocks if hasattr(b, "rows")]
+    assert tex.count(r"\begin{longtable}") == tex.count(r"\end{longtable}") == len(blocks)
+    # every longtable repeats its header on each page and says it continues
+    assert tex.count(r"\endhead") == tex.count(r"\endfirsthead") == tex.count(r"\endlastfoot") == len(blocks)
+    runs = tex[tex.index(r"\label{tab:runs}"):]
+    assert runs.index(r"\endhead") < runs.index(r"\end{longtable}")
+    assert runs[:runs.index(r"\end{longtable}")].count(r" \\") >= len(board.runs)
+    assert r"\includegraphics[width=\linewidth]{cd-fixed-default.pdf}" in tex
+    assert not re.search(r"[^\x00-\x7f]", tex)  # every symbol escaped to TeX
+    if "best" in board.cells.mark.astype(str).to_list():
+        assert r"\textbf{" in tex
+
+
+def test_no_negative_zero_anywhere(board, tmp_path):
+    assert (fmt_num(-0.0004), fmt_num(-0.0004, signed=True), fmt_num(0.0004, signed=True)) == ("0.000",) * 3
+    assert (fmt_num(-0.0006), fmt_num(0.0006, signed=True), fmt_num(np.nan), fmt_num(-1e-9, 2)) == (
+        "-0.001", "+0.001", "–", "0.00")
+    for path in write(board, tmp_path, ["md", "tex", "html"]):
+        if path.suffix in (".md", ".tex", ".html"):
+            assert not re.search(r"-0\.0+(?![0-9])", path.read_text()), path
 
 
 def test_write_all_formats(board, tmp_path):
     paths = write(board, tmp_path, FORMATS)
     names = {p.name for p in paths}
     assert {"leaderboard.md", "leaderboard.tex", "leaderboard.html", "leaderboard.csv", "folds.csv", "pooled.csv",
-            "comparisons.csv", "runs.csv", "reported_table1.csv"} <= names
+            "comparisons.csv", "pairs.csv", "ranks.csv", "runs.csv", "reported_table1.csv", "cd-fixed-default.png",
+            "cd-fixed-default.pdf"} <= names
+    assert (tmp_path / "cd-fixed-default.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "cd-fixed-default.pdf").read_bytes().startswith(b"%PDF")
     folds = pd.read_csv(tmp_path / "folds.csv")
     assert len(folds) == len(board.folds) and CACHED not in folds.c_index.to_numpy()
 
@@ -332,10 +276,16 @@ def _cli(*args):
 @pytest.mark.slow
 def test_cli_writes_the_asked_formats(store, tmp_path):
     res = _cli("leaderboard", "--runs-dir", store[0], "--out", tmp_path / "lb", "--format", "md,csv",
-               "--metric", "uno_c", "--bootstrap", "50")
+               "--metric", "uno_c", "--bootstrap", "50", "--paired-bootstrap", "200", "--baseline", "amil",
+               "--pooled", "cross-fold", "--test", "ttest", "--adjust", "cohort", "--posthoc", "wilcoxon-holm")
     assert res.returncode == 0, res.stderr
-    assert sorted(p.suffix for p in (tmp_path / "lb").iterdir()) == [".csv"] * 8 + [".md"]
-    assert "C-index (Uno, IPCW)" in (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert sorted(p.suffix for p in (tmp_path / "lb").iterdir()) == [".csv"] * 10 + [".md", ".pdf", ".png"]
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "C-index (Uno, IPCW)" in md and "across folds (labelled option)" in md
+    assert "reference AMIL (lr=0.001) (--baseline)" in md and "within each cohort and backbone" in md
+    assert "Sig. (*) from the corrected resampled t-test" in md and "Wilcoxon signed-rank" in md
+    res = _cli("leaderboard", "--runs-dir", store[0], "--out", tmp_path / "bad", "--baseline", "nosuchmodel")
+    assert res.returncode == 2 and "--baseline nosuchmodel: no such model" in res.stderr
     res = _cli("leaderboard", "--reported-only", "--out", tmp_path / "rep", "--format", "md,html")
     assert res.returncode == 0, res.stderr
     assert "Reported (not recomputed)" in (tmp_path / "rep" / "reported.md").read_text()

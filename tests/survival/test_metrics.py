@@ -18,7 +18,7 @@ from sksurv.metrics import (
 from sksurv.util import Surv
 
 from milbench import MilbenchError
-from milbench.survival.metrics import (evaluation_times, fold_metrics, harrell_c, integrated_brier, logrank_p, survival_at, td_auc, uno_c)
+from milbench.survival.metrics import (EVAL_QUANTILES, cohort_times, evaluation_times, fold_metrics, harrell_c, integrated_brier, logrank_p, survival_at, td_auc, uno_c)
 from milbench.survival.binning import fit_bins
 
 
@@ -117,6 +117,36 @@ def test_censoring_at_the_last_training_time_leaves_ibs_and_td_auc_unchanged():
     assert out["td_auc"] == pytest.approx(cumulative_dynamic_auc(train, test, risk[te], times)[1], abs=1e-12)
     surv = survival_at(surv_bins[te], edges, times)
     assert out["ibs"] == pytest.approx(integrated_brier_score(train, test, surv, times), abs=1e-12)
+
+
+def test_cohort_grid_is_fixed_from_the_whole_cohort_and_shared_by_every_fold():
+    rng = np.random.default_rng(2)
+    risk = rng.normal(size=500)
+    death, cens = rng.exponential(np.exp(-risk) * 10), rng.exponential(15, 500)
+    time, event = np.minimum(death, cens), death <= cens
+    fold = np.arange(500) % 5
+    held_out = [(time[fold == k], time[fold != k]) for k in range(5)]
+    grid, note = cohort_times(time, event, held_out)
+    # the cohort's event-time quantiles, whatever the fold
+    np.testing.assert_allclose(grid, np.quantile(time[event], EVAL_QUANTILES))
+    assert note == ""
+    surv_bins = np.exp(-np.exp(risk)[:, None] * np.arange(1, 5) / 4)
+    ibs = []
+    for k in range(5):
+        tr, te = fold != k, fold == k
+        edges = fit_bins(time[tr], event[tr].astype(float))
+        out = fold_metrics(time[tr], event[tr], time[te], event[te], risk[te], surv_bins[te], edges, times=grid)
+        train, test = Surv.from_arrays(event[tr], time[tr]), Surv.from_arrays(event[te], time[te])
+        ibs.append(integrated_brier_score(train, test, survival_at(surv_bins[te], edges, grid), grid))
+        assert out["ibs"] == pytest.approx(ibs[-1], abs=1e-12)
+        assert out["td_auc"] == pytest.approx(cumulative_dynamic_auc(train, test, risk[te], grid)[1], abs=1e-12)
+        # a fold's own times differ from the cohort's: the grid is what makes the folds comparable
+        assert not np.array_equal(evaluation_times(time[tr], time[te], event[te]), grid)
+    # a grid time outside one fold's follow-up is dropped for every fold, and the note names it
+    short = [(t[t < grid[-1]], tr_) if k == 0 else (t, tr_) for k, (t, tr_) in enumerate(held_out)]
+    kept, note = cohort_times(time, event, short)
+    assert grid[-1] not in kept and len(kept) == len(grid) - 1 and "dropped" in note
+    assert cohort_times(time, np.zeros(500, bool))[0].size == 0
 
 
 def test_fold_metrics_nan_with_logged_reason(whas, caplog):
