@@ -103,3 +103,10 @@ def reported_logrank(model: str, cohort: str, backbone: str) -> float | None:
     frame = load("pvalues").frame
     hit = frame[frame.cohort == paper_cohort(cohort)]
     return float(hit.p_value.iloc[0]) if len(hit) else None
+
+
+def reported_backbone_mean(backbone: str) -> float | None:
+    """Table 2's last column: CrossFusion's mean C-index over the six cohorts at a backbone, or None."""
+    frame = load("table2").frame
+    hit = frame[frame.backbone.map(_key) == _key(backbone)]
+    return float(hit["mean"].iloc[0]) if len(hit) else None

@@ -119,3 +119,19 @@ def test_sections_and_files(runs, tmp_path):
 def test_an_empty_store_or_one_without_tcga_runs_gives_nothing(tmp_path):
     (tmp_path / "runs").mkdir()
     assert comparison(tmp_path / "runs").empty and paper_sections(tmp_path / "runs") == []
+
+
+def test_crossfusion_over_six_cohorts_sits_beside_table2s_mean(tmp_path):
+    runs = tmp_path / "runs"
+    cohorts = ["tcga_blca", "tcga_brca", "tcga_coad", "tcga_gbmlgg", "tcga_luad", "tcga_ucec"]
+    means = [np.mean(store_run(runs, "crossfusion", "best-val", 30.0, cohort=c, backbone="conch")) for c in cohorts]
+    store_run(runs, "crossfusion", "inner-val", 30.0, cohort="tcga_blca", backbone="conch")
+    blocks = {b.key: b for s in paper_sections(runs) for b in s.blocks if isinstance(b, Block)}
+    table = blocks["paper-table2-means"]
+    best, inner = table.rows
+    assert [c.text for c in best[:2]] == ["conch", "6 of 6"] and best[2].value == pytest.approx(np.mean(means))
+    assert best[3].text == "0.695" and best[4].text == f"{np.mean(means) - 0.695:+.3f}"
+    assert [c.text for c in inner[1:3]] == ["1 of 6", "–"]  # five cohorts missing: no mean
+    assert table.groups == ["protocol best-val", "protocol inner-val"]
+    cells = blocks["paper-best-val-conch"]
+    assert "Table 2" in cells.title and any("0.675 ± 0.060" in row[2].text for row in cells.rows)  # BRCA, conch
