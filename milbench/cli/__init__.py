@@ -34,6 +34,8 @@ app.add_typer(plot.app, name="plot", help="Kaplan-Meier curves and attention hea
 app.command("extract")(extract.extract)
 
 DEBUG_ENV = "MILBENCH_DEBUG"
+INTERRUPTED = ("interrupted: every fold completed so far is kept in the run store, and a fold in training resumes at "
+               "its last epoch: rerun the same command\n")
 
 
 @app.callback()
@@ -64,12 +66,13 @@ def main() -> None:
         sys.stderr.write(f"error: {_one_line(err.format_message())} (see `{command} --help`)\n")
         sys.exit(2)
     except _ABORT:
-        sys.stderr.write("interrupted: every fold completed so far is kept in the run store; rerun the same command "
-                         "to train the rest\n")
+        sys.stderr.write(INTERRUPTED)
         sys.exit(130)
     except _CLICK as err:
         sys.stderr.write(f"error: {_one_line(err.format_message())}\n")
         sys.exit(err.exit_code)
+    if code == 130:  # typer turns Ctrl-C into an exit code itself
+        sys.stderr.write(INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
 
 
