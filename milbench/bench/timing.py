@@ -227,6 +227,9 @@ def guarded(measure: Callable[[], dict[str, Any]], what: dict[str, Any], device:
         # hold its weights, gradients and graphs in the next measurement's absolute peak
         gc.collect()
         if device.type == "cuda":
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:  # workspaces of streams the next measurement may not use: not its memory
+                clear()
             torch.cuda.empty_cache()
 
 
