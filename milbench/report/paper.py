@@ -324,3 +324,31 @@ def write_report(runs_dir: Path, out: Path) -> list[Path]:
     path = out / "paper.md"
     path.write_text(render_markdown("milbench beside the CrossFusion paper", sections))
     return [path, *paths]
+
+
+def label_submitted(sections: list[Section], runs_dir: Path) -> None:
+    """Label the rows of submitted runs in another document's tables (the leaderboard's): a cell or row group
+    whose text is a submitted model's name, alone or with its variant label, gets " (submitted)"."""
+    names = {f.record["model"] for f in iter_folds(runs_dir) if f.record.get("source") == "submitted"}
+
+    def label(text: str) -> str:
+        hit = text in names or text.split(" (")[0] in names
+        return f"{text} {SUBMITTED}" if hit and SUBMITTED not in text else text
+
+    for section in sections if names else []:
+        for block in section.blocks:
+            if isinstance(block, Block):
+                block.groups = [label(g) for g in block.groups]
+                for row in block.rows:
+                    for cell in row:
+                        cell.text = label(cell.text)
+
+
+def extend_leaderboard(sections: list[Section], runs_dir: Path, out: Path) -> list[Path]:
+    """The leaderboard's hook: label submitted runs in its tables, put the paper comparison before its last
+    section (the runs), and write CrossFusion's Kaplan-Meier plots into ``out``; the files written."""
+    label_submitted(sections, runs_dir)
+    extra = paper_sections(runs_dir)
+    at = len(sections) - 1 if sections and sections[-1].title == "Runs" else len(sections)
+    sections[at:at] = extra
+    return write_km(runs_dir, out) if extra else []

@@ -15,6 +15,7 @@ from milbench.report.document import document
 from milbench.report.html import render_html
 from milbench.report.latex import render_latex
 from milbench.report.markdown import render_markdown
+from milbench.report.paper import extend_leaderboard
 from milbench.report.ranking import write_cd_diagrams
 
 
@@ -35,6 +36,8 @@ def write(lb: Leaderboard | None, out: Path, formats: Iterable[str] = FORMATS) -
     title, sections = document(lb)
     stem = "leaderboard" if lb is not None else "reported"
     paths = write_cd_diagrams(lb.ranks, out, lb.metric) if lb is not None else []
+    if lb is not None:  # the CrossFusion paper beside ours, submitted runs labelled, Kaplan-Meier plots (issue 21)
+        paths += extend_leaderboard(sections, Path(lb.source), out)
     for fmt in formats:
         if fmt == "csv":
             paths += _write_csv(lb, out)

@@ -94,6 +94,7 @@ def test_what_the_file_asks_for_and_nothing_scored_shows_the_paper_alone(runs):
     assert luad.paper_text.iloc[0] == "0.619 ± 0.046" and luad.ours_text.iloc[0] == "not run"
 
 
+@pytest.mark.slow
 def test_sections_and_files(runs, tmp_path):
     path, _ = runs
     sections = paper_sections(path)
@@ -135,3 +136,21 @@ def test_crossfusion_over_six_cohorts_sits_beside_table2s_mean(tmp_path):
     assert table.groups == ["protocol best-val", "protocol inner-val"]
     cells = blocks["paper-best-val-conch"]
     assert "Table 2" in cells.title and any("0.675 ± 0.060" in row[2].text for row in cells.rows)  # BRCA, conch
+
+
+@pytest.mark.slow
+def test_the_leaderboard_carries_the_comparison_labels_submissions_and_writes_the_plots(runs, tmp_path):
+    from milbench.report.aggregate import build
+    from milbench.report.write import write
+
+    path, _ = runs
+    written = write(build(path, n_boot=0), tmp_path / "board", ["md", "html"])
+    names = {p.name for p in written}
+    assert any(n.startswith("km_crossfusion_best-val_resnet50_tcga_blca_") and n.endswith(".png") for n in names)
+    text = (tmp_path / "board" / "leaderboard.md").read_text()
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles[-3:] == ["## Beside the paper: Soraki et al., CrossFusion, MIDL 2026 (PMLR 315:2906-2921)",
+                           "## Kaplan-Meier curves of CrossFusion (pooled out-of-fold risk groups)", "## Runs"]
+    main = text.split("## Protocol: best-val")[1].split("###")[1]  # the protocol's first table
+    assert "| extmil (submitted) |" in main
+    assert "km_crossfusion_best-val_resnet50_tcga_blca_" in (tmp_path / "board" / "leaderboard.html").read_text()
