@@ -69,7 +69,9 @@ def build(name: str, ref: Path, in_dim: int, data_parallel: bool = False):
 def measure(name: str, bag: str, ref: Path, in_dim: int, steps: int, warmup: int, grad_accum: int,
             data_parallel: bool = False) -> dict:
     import torch
-    from utils.train_utils import NLLSurvLoss  # the repository's loss (its folder is on sys.path: main)
+    from utils.train_utils import (
+        NLLSurvLoss,  # the repository's loss (its folder is on sys.path: main)
+    )
 
     torch.manual_seed(0)
     model = build(name, ref, in_dim, data_parallel).train()

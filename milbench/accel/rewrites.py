@@ -17,7 +17,8 @@ forward of those layers in one model instance:
 - Attention kernels: every MultiheadSDPA calls :func:`milbench.accel.attention.chosen_sdpa`, which runs the fused
   kernel measured fastest for the call's shape class; its projections and heads run eagerly around it
   (:func:`_project_and_attend`). (NystromAttention keeps PyTorch's order, cuDNN first: its calls sit inside
-  TransMIL's compiled layer, where a graph break would cost more than the choice gains.)
+  TransMIL's compiled layer, where a graph break would rebuild its heads as strided views, fills and scatters in
+  the backward; docs/performance.md, H200.)
 - The bag's features: cast once, in one vectorised pass, to the autocast dtype where they enter the model's first
   Linear (:mod:`milbench.accel.cast`); DSMIL's, which enter three products, before its forward.
 - A Conv1d whose kernel spans its input (DSMIL's bag classifier) as the matrix product it is.
@@ -37,9 +38,9 @@ import torch.nn.functional as F
 from milbench.accel.attention import chosen_sdpa
 from milbench.accel.cast import autocast_dtype_for, cast_features, linear_cast_forward
 from milbench.accel.conv import FFT_MIN_TAPS, depthwise_conv2d, summed_kernel
+from milbench.data.bag import Bag
 from milbench.models.crossfusion import ConvProcessor, MultiScaleConv
 from milbench.models.dsmil import DSMIL
-from milbench.data.bag import Bag
 from milbench.models.layers.attention import MultiheadSDPA, attend, key_attention
 from milbench.models.layers.common import ModelOutput
 from milbench.models.layers.nystrom import NystromAttention
