@@ -83,6 +83,9 @@ def memory_share(device: torch.device, fraction: float | None) -> Iterator[None]
     if fraction is None or fraction >= 1.0 or torch.device(device).type != "cuda":
         yield
         return
+    device = torch.device(device)
+    if device.index is None:  # set_per_process_memory_fraction wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     try:
         yield
