@@ -34,7 +34,7 @@ from milbench import MilbenchError
 from milbench.data.bag import Bag
 from milbench.data.multiscale import bag_index, take_rows
 from milbench.models.layers.clustering import kmeans
-from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp, upcast
 from milbench.models.layers.pooling import AdditiveAttention
 from milbench.models.registry import register_model
 
@@ -111,11 +111,11 @@ class CSMIL(nn.Module):
         # 1. shared embedding of the three views -> [n, 3, 64]
         e = torch.stack([self.embed(v) for v in views], dim=1)
         # 2. cross-scale attention: h_i = sum_s w_is e_is (raw weights as coded; softmax over scales on request)
-        w = self.scale_attention(e).float()
+        w = upcast(self.scale_attention(e))
         w = torch.softmax(w.masked_fill(~present, float("-inf")), 1) if self.scale_softmax else w * present
         h = (w.to(e.dtype).unsqueeze(-1) * e).sum(1)
         # 4. instance attention: softmax over the bag's instances, weighted sum
-        a = torch.softmax(self.instance_attention(h).float(), dim=0)
+        a = torch.softmax(upcast(self.instance_attention(h)), dim=0)
         m = a.to(h.dtype).unsqueeze(0) @ h
         # 5. head
         logits = self.head(self.fc(m))

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from milbench.data.bag import Bag
-from milbench.models.layers.common import ModelOutput, mlp
+from milbench.models.layers.common import ModelOutput, mlp, upcast
 from milbench.models.layers.segment import segment_argmax, segment_softmax
 from milbench.models.registry import register_model
 
@@ -59,7 +59,7 @@ class DSMIL(nn.Module):
         q = self.query(x)  # [N, 128]
         q_crit = q[critical]  # [n_bins, 128]
         with torch.autocast(x.device.type, enabled=False):  # float32 scores
-            scores = q_crit.float() @ q.float().T  # [n_bins, N]
+            scores = upcast(q_crit) @ upcast(q).T  # [n_bins, N]
         a = torch.softmax(scores / math.sqrt(q.shape[1]), dim=1)  # each critical query's attention over the patches
         b = (a.to(x.dtype) @ x).unsqueeze(0)  # [1, n_bins, D]: the attended features (values = raw features)
         logits = self.bag_classifier(b).squeeze(-1)  # [1, n_bins]
@@ -81,7 +81,7 @@ class DSMIL(nn.Module):
         k = c.shape[1]
         q_crit = q[critical.view(-1)]  # [n_bags * n_bins, 128]
         with torch.autocast(x.device.type, enabled=False):  # float32 scores, as inside the fused attention kernel
-            scores = (q.float() @ q_crit.float().T).view(-1, n_bags, k)  # every patch against every bag's queries,
+            scores = (upcast(q) @ upcast(q_crit).T).view(-1, n_bags, k)  # every patch against every bag's queries,
         scores = scores[torch.arange(x.shape[0], device=x.device), segment]  # keeping its own bag's: [N, n_bins]
         a = segment_softmax(scores / math.sqrt(q.shape[1]), segment, n_bags).to(x.dtype)
         blocks = F.one_hot(segment, n_bags).to(a.dtype).unsqueeze(-1) * a.unsqueeze(1)  # [N, n_bags, n_bins]

@@ -26,7 +26,7 @@ import torch.nn as nn
 from milbench import MilbenchError
 from milbench.data.bag import Bag
 from milbench.data.multiscale import bag_index
-from milbench.models.layers.common import HazardHead, ModelOutput
+from milbench.models.layers.common import HazardHead, ModelOutput, upcast
 from milbench.models.layers.pooling import AdditiveAttention
 from milbench.models.registry import register_model
 
@@ -62,7 +62,7 @@ class MuSTMIL(nn.Module):
 
     def _pool(self, attention: nn.Module, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K-branch attention pooling: A = softmax over rows of the K scores [K, N]; M = A e flattened -> [1, K*E]."""
-        a = torch.softmax(attention(e).float(), dim=0).T.to(e.dtype)
+        a = torch.softmax(upcast(attention(e)), dim=0).T.to(e.dtype)
         return (a @ e).reshape(1, -1), a
 
     def forward(self, bag: Bag, return_attention: bool = False) -> ModelOutput:

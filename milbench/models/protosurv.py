@@ -40,7 +40,7 @@ from milbench.data.bag import Bag
 from milbench.models.graph_mil import DeepGCNStack, graph_edges
 from milbench.models.layers.attention import key_attention
 from milbench.models.layers.clustering import kmeans, nearest_centroid
-from milbench.models.layers.common import HazardHead, ModelOutput
+from milbench.models.layers.common import HazardHead, ModelOutput, upcast
 from milbench.models.registry import register_model
 
 
@@ -189,10 +189,10 @@ class ProtoSurv(nn.Module):
         """Mean raw feature of each tissue type [n_types, D]; all-zero rows are left out; a type the patient lacks
         takes its training-fold prior (pre-prototype), or the patient's mean before priors are fitted. Summed in
         float32 (half-precision sums over 100k patches overflow)."""
-        x = x.float()
+        x = upcast(x)
         keep = (x != 0).any(1)
         counts = torch.bincount(types[keep], minlength=self.n_types).unsqueeze(1)
-        sums = torch.zeros(self.n_types, x.shape[1], device=x.device).index_add_(0, types[keep], x[keep])
+        sums = x.new_zeros(self.n_types, x.shape[1]).index_add_(0, types[keep], x[keep])
         fallback = torch.where(self.priors_fitted, self.centroids, x.mean(0))
         return torch.where(counts > 0, sums / counts.clamp_min(1), fallback)
 

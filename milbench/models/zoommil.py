@@ -31,7 +31,7 @@ import torch.nn as nn
 from milbench import MilbenchError
 from milbench.data.bag import Bag
 from milbench.data.multiscale import bag_index, take_rows
-from milbench.models.layers.common import HazardHead, ModelOutput, mlp
+from milbench.models.layers.common import HazardHead, ModelOutput, mlp, upcast
 from milbench.models.layers.pooling import AttentionPool, GatedAttention
 from milbench.models.layers.topk import TOPK_GRADS, perturbed_topk
 from milbench.models.registry import register_model
@@ -62,7 +62,7 @@ class ZoomMIL(nn.Module):
     def _select(self, scorer: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 2-3: softmax of the auxiliary attention [N] and its top-k selection matrix [k, N] (perturbed in
         training, hard in eval)."""
-        scores = torch.softmax(scorer(h).float(), dim=0)
+        scores = torch.softmax(upcast(scorer(h)), dim=0)
         return scores, perturbed_topk(scores, self.k, self.n_samples, self.sigma, differentiable=self.training,
                                       grad=self.topk_grad)
 

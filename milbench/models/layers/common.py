@@ -40,6 +40,13 @@ def init_linear_trunc_normal(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32: half precision to float32, float32 and float64 unchanged. For softmaxes and sums
+    that must not run in bf16; a float64 model stays float64 end to end (the golden-output tests compare it with
+    the authors' code in float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def mlp(dims: list[int], dropout: float = 0.0, act: type[nn.Module] = nn.ReLU, last_act: bool = True) -> nn.Sequential:
     """Linear -> act -> dropout stacks; ``mlp([2048, 512])`` is AMIL's Linear+ReLU feature layer."""
     layers: list[nn.Module] = []

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from milbench.models.layers.common import upcast
+
 
 def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
     """Moore-Penrose pseudo-inverse of square ``a`` [..., m, m] by the Nystromformer's cubic iteration.
@@ -60,9 +62,9 @@ class NystromAttention(nn.Module):
         k_land = k.reshape(b, h, m, -1, dh).mean(3)
         landmark_values = self.kernel(q_land, k, v)  # softmax(q_l k^T) v: [B, h, m, dh]
         with torch.autocast(x.device.type, enabled=False):
-            kernel = torch.softmax(q_land.float() @ k_land.float().transpose(-1, -2) / math.sqrt(dh), dim=-1)
+            kernel = torch.softmax(upcast(q_land) @ upcast(k_land).transpose(-1, -2) / math.sqrt(dh), dim=-1)
             kernel_inv = iterative_pinv(kernel, self.pinv_iters)
-            mixed = (kernel_inv @ landmark_values.float()).to(landmark_values.dtype)
+            mixed = (kernel_inv @ upcast(landmark_values)).to(landmark_values.dtype)
         y = self.kernel(q, k_land, mixed) + self.residual_conv(v)
         y = self.out(y.transpose(1, 2).reshape(b, n + pad, h * dh))
         first = pad if self.slicing == "last" else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from milbench.models.layers.common import upcast
 from milbench.models.layers.segment import segment_softmax, segment_sum
 
 
@@ -32,7 +33,7 @@ class AttentionPool(nn.Module):
         self, h: torch.Tensor, segment: torch.Tensor | None = None, n_segments: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` [N, d] -> (pooled [n_segments, d], attention weights [N])."""
-        a = segment_softmax(self.score(h).float(), segment, n_segments).to(h.dtype)
+        a = segment_softmax(upcast(self.score(h)), segment, n_segments).to(h.dtype)
         if segment is None:  # one bag: the attention-weighted sum of its instances
             return a.unsqueeze(0) @ h, a
         return segment_sum(a.unsqueeze(-1) * h, segment, n_segments), a
