@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from milbench.accel.eager import eager
+
 CANDIDATES = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 DEFAULT = (*CANDIDATES, SDPBackend.MATH)  # cuDNN first: what PyTorch itself prefers on Hopper
 NAMES = {SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.FLASH_ATTENTION: "flash",
@@ -167,7 +169,7 @@ def _time_kernel(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch
 CHOICE = KernelChoice()
 
 
-@torch.compiler.disable  # decided and run eagerly: a compiled block calls it between its compiled halves
+@eager  # decided and run eagerly: a compiled block calls it between its compiled halves
 def chosen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 dropout_p: float = 0.0) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)`` with the kernel measured fastest for the

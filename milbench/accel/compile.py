@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from milbench.accel.eager import activate
 from milbench.models.registry import card_of
 
 
@@ -34,6 +35,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     in eager glue and reaches the compiled PPEG / Conv Processor as a plain integer. Returns the number of compiled
     blocks (blocks nested in a compiled block are traced with it).
     """
+    activate()  # the functions that must stay eager inside compiled blocks
     card = card_of(model)
     names = set(card.traits.compiled_blocks) if card is not None else set()
     compiled: list[str] = []

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from milbench.accel.eager import eager
+
 
 def _fft_size(n: int) -> int:
     """The smallest length >= n with no prime factor above 7 (the sizes cuFFT transforms fastest)."""
@@ -22,7 +24,7 @@ def _fft_size(n: int) -> int:
         n += 1
 
 
-@torch.compiler.disable  # the transform sizes depend on the grid: computed eagerly, never a recompilation
+@eager  # the transform sizes depend on the grid: computed eagerly, never a recompilation
 def fft_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)`` for odd kernels [C, 1, kh, kw], computed
     as a product of Fourier transforms in float32 (the same function up to float32 rounding): a convolution is a

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from milbench.accel.attention import chosen_sdpa
 from milbench.accel.cast import autocast_dtype_for, cast_features, linear_cast_forward
 from milbench.accel.conv import FFT_MIN_TAPS, depthwise_conv2d, summed_kernel
+from milbench.accel.eager import eager
 from milbench.data.bag import Bag
 from milbench.models.crossfusion import ConvProcessor, MultiScaleConv
 from milbench.models.dsmil import DSMIL
@@ -83,7 +84,7 @@ def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch
     return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
 
 
-@torch.compiler.disable  # eager between a compiled block's halves: no view crosses a compiled graph's boundary
+@eager  # eager between a compiled block's halves: no view crosses a compiled graph's boundary
 def _project_and_attend(self: MultiheadSDPA, x: torch.Tensor, context: torch.Tensor | None, p: float,
                         need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The projections, the heads and the attention kernel of :meth:`MultiheadSDPA.forward`, the output projection
