@@ -229,7 +229,7 @@ def build(runs_dir: Path, metric: str = "c_index", n_boot: int = 1000, seed: int
     options = options or Options(metric=metric, n_boot=n_boot, seed=seed)
     _check(options)
     notes: list[str] = []
-    loaded = load_folds(runs_dir)
+    loaded = load_folds(runs_dir, notes)
     grids = cohort_grids(loaded, notes) if options.metric in ("ibs", "td_auc") else {}
     folds = fold_rows(loaded, ["c_index", options.metric], notes, grids)
     cells = summary(folds, options.metric)

@@ -53,11 +53,24 @@ class LoadedFold:
     record: dict[str, Any]
     predictions: pd.DataFrame
     path: Path
+    dropped: int = 0  # patients left out for a NaN or infinite risk
 
 
-def load_folds(runs_dir: Path) -> list[LoadedFold]:
-    """Every completed fold of the store, predictions included; an empty store is an error."""
-    folds = [LoadedFold(s.record, s.predictions, s.path) for s in iter_folds(runs_dir)]
+def load_folds(runs_dir: Path, notes: list[str] | None = None) -> list[LoadedFold]:
+    """Every completed fold of the store, predictions included; an empty store is an error.
+
+    Patients whose stored risk is NaN or infinite (a diverged model) are left out of every figure, the fold's and
+    the pooled ones, and ``notes`` says how many, where: one bad fold never stops a leaderboard.
+    """
+    folds = []
+    for stored in iter_folds(runs_dir):
+        pred = stored.predictions
+        finite = np.isfinite(pd.to_numeric(pred["risk"], errors="coerce").to_numpy(float))
+        fold = LoadedFold(stored.record, pred[finite].reset_index(drop=True), stored.path, int((~finite).sum()))
+        if fold.dropped and notes is not None:
+            notes.append(f"{stored.path}: {fold.dropped} of {len(pred)} patients have a NaN or infinite risk and are "
+                         f"left out of its fold's figures and of the pooled statistics")
+        folds.append(fold)
     if not folds:
         raise MilbenchError(f"no completed folds under {runs_dir}: run `milbench run` first or pass --runs-dir")
     return folds

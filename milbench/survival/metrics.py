@@ -110,12 +110,16 @@ def td_auc(train_time, train_event, time, event, risk, times) -> tuple[np.ndarra
 
 
 def logrank_p(time, event, risk, cutoff: float) -> float:
-    """Log-rank p-value between the high-risk group (risk > cutoff) and the rest; NaN when a group is empty."""
+    """Log-rank p-value between the high-risk group (risk > cutoff) and the rest; NaN (never 1) when a group is empty:
+    with one risk group there is nothing to test (see :data:`ONE_GROUP`)."""
     time, event, (risk,) = _check("logrank_p", time, event, risk)
     high = risk > cutoff
     if high.all() or not high.any():
         return float("nan")
     return float(logrank_test(time[high], time[~high], event[high], event[~high]).p_value)
+
+
+ONE_GROUP = "every held-out risk lies on one side of the training fold's median risk: one risk group, no test"
 
 
 def evaluation_times(train_time, time, event) -> np.ndarray:
@@ -161,14 +165,17 @@ def cohort_times(time, event, held_out: list[tuple[np.ndarray, np.ndarray]] | No
     return grid[keep], note
 
 
-def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges, times=None) -> dict[str, float]:
+def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges, times=None,
+                 reasons: dict[str, str] | None = None) -> dict[str, float]:
     """c_index, uno_c, ibs and td_auc (mean) of one held-out fold; a metric that cannot be computed is NaN, logged.
 
     ``risk`` [n] and ``surv_bins`` [n, n_bins] are the head's outputs, ``edges`` the fold's bin edges; ``surv_bins``
     is None for a head without a survival curve (cox), and IBS is then NaN. Uno's C is truncated at the last training
     time. IBS and td-AUC use ``times`` when given (the cohort's fixed grid, ``cohort_times``: every fold scored on the
-    same times, so folds are comparable), else the fold's own ``evaluation_times``.
+    same times, so folds are comparable), else the fold's own ``evaluation_times``. ``reasons`` (when given)
+    receives, for every metric that is NaN, why.
     """
+    reasons = {} if reasons is None else reasons
     train_time, train_event, _ = _check("fold_metrics (training fold)", train_time, train_event, need_event=False)
     scores = (risk,) if surv_bins is None else (risk, surv_bins)
     time, event, (risk, *curves) = _check("fold_metrics", time, event, *scores, need_event=False)
@@ -205,8 +212,10 @@ def fold_metrics(train_time, train_event, time, event, risk, surv_bins, edges, t
         try:
             out[name] = float(compute())
             if not np.isfinite(out[name]):
-                log.warning("%s is NaN for this fold: undefined on these patients", name)
+                reasons[name] = "undefined on these patients (no comparable pair)"
         except MilbenchError as err:
-            log.warning("%s is NaN for this fold: %s", name, err)
+            reasons[name] = str(err).removeprefix(f"{name}: ")
             out[name] = float("nan")
+        if name in reasons:
+            log.warning("%s is NaN for this fold: %s", name, reasons[name])
     return out

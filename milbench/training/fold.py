@@ -120,7 +120,7 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     ``gpu_fraction``: the share of the GPU this fold was given; its device bag store stays within it
     (:func:`milbench.training.device.store_budget`).
     """
-    from milbench.survival.metrics import fold_metrics, logrank_p  # scikit-survival, lifelines: seconds to import
+    from milbench.survival.metrics import ONE_GROUP, fold_metrics, logrank_p  # sksurv, lifelines: slow imports
 
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -209,8 +209,18 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
     train_data = BagDataset(cohort, train_ids, card.scales, card=card, cache=cache)
     train_risk, _ = risk_and_survival(head, predict(model, train_data, dev, store), edges)
     cutoff = float(np.median(train_risk))
-    metrics = fold_metrics(train.time, train.event, test.time, test.event, test_risk, test_surv, edges)
-    metrics["logrank_p"] = logrank_p(test.time, test.event, test_risk, cutoff)
+    metric_notes: dict[str, str] = {}
+    bad = int((~np.isfinite(test_risk)).sum())
+    if bad:  # a diverged model: every metric is undefined, and the record says why
+        metrics = dict.fromkeys(("c_index", "uno_c", "ibs", "td_auc", "logrank_p"), float("nan"))
+        metric_notes = dict.fromkeys(metrics, f"{bad} of {len(test_risk)} held-out risks are NaN or infinite "
+                                              f"(training diverged: lower the learning rate)")
+    else:
+        metrics = fold_metrics(train.time, train.event, test.time, test.event, test_risk, test_surv, edges,
+                               reasons=metric_notes)
+        metrics["logrank_p"] = logrank_p(test.time, test.event, test_risk, cutoff)
+        if not np.isfinite(metrics["logrank_p"]):
+            metric_notes["logrank_p"] = ONE_GROUP
     if cohort.oracle_risk is not None:
         metrics["oracle_c_index"] = c_or_nan(test.time, test.event, cohort.oracle_risk.loc[test_ids].to_numpy())
     eval_seconds = time.perf_counter() - t_eval
@@ -226,7 +236,7 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
                          "event": train.event.astype(int).tolist()},  # lets leaderboards recompute Uno C, IBS, td-AUC
         "n_train": len(train_ids), "n_fit": len(fitting.case_ids), "n_select": len(select_ids), "n_test": len(test_ids),
         "in_dim": fit_data.in_dim, "bin_edges": edges.tolist(), "selected_epoch": best["epoch"], "history": history,
-        "metrics": metrics, "n_params": sum(p.numel() for p in model.parameters()),
+        "metrics": metrics, "metric_notes": metric_notes, "n_params": sum(p.numel() for p in model.parameters()),
         "timings": {"train_s": train_seconds, "eval_s": eval_seconds, "total_s": time.perf_counter() - t_start,
                     "s_per_epoch": train_seconds / cfg.epochs},
         "peak_memory_bytes": peak_memory(dev),
