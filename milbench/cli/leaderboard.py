@@ -50,14 +50,17 @@ def leaderboard(
         options = Options(metric=metric, n_boot=bootstrap, paired_boot=paired_bootstrap, seed=seed, pooled=pooled,
                           baseline=baseline, test=test, adjust_by=adjust, posthoc=posthoc)
         board = build(runs_dir, options=options)
-        print_cells(board.cells, metric)
+        from milbench.runs.store import iter_folds
+
+        submitted = {f.record["model"] for f in iter_folds(runs_dir) if f.record.get("source") == "submitted"}
+        print_cells(board.cells, metric, submitted)
         for note in board.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
     for path in write(board, out or runs_dir / "leaderboard", formats):
         console.print(f"wrote {path}")
 
 
-def print_cells(cells: pd.DataFrame, metric: str) -> None:
+def print_cells(cells: pd.DataFrame, metric: str, submitted: set[str] | None = None) -> None:
     """The cells of a leaderboard as rich tables, one per protocol (bold: best where the paired test says so)."""
     import pandas as pd
 
@@ -75,6 +78,7 @@ def print_cells(cells: pd.DataFrame, metric: str) -> None:
             mark = r.get("mark")
             value += f" {TIED}" if mark in ("tied-best", "tied-second") else ""
             model = r.model + (f" ({r.variant_label})" if r.variant_label else "")
+            model += " (submitted)" if r.model in (submitted or set()) else ""
             row = [r.cohort, r.backbone, model, f"[bold]{value}[/]" if mark == "best" else value,
                    f"{r.folds}×{r.seeds}"]
             if has_oracle:

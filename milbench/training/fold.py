@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from milbench.accel.attention import choices as attention_choices
 from milbench.accel.compile import compile_blocks
 from milbench.accel.graphs import StepGraphs, can_graph
 from milbench.accel.rewrites import accelerate
@@ -246,7 +247,8 @@ def fit_fold(cohort: Cohort, cfg: RunConfig, fold: int, device: str = "auto",
         "execution": {"compile": bool(compile and dev.type == "cuda"),
                       "resumed_after_epoch": first - 1 if first else None,
                       "gpu_fraction": gpu_fraction if dev.type == "cuda" else None,
-                      "cuda_graphs": step_graphs.stats() if step_graphs else None},
+                      "cuda_graphs": step_graphs.stats() if step_graphs else None,
+                      "attention": attention_choices(used_only=True, reset=True)},  # kernel per shape class
         "environment": environment(dev),
     }
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()} if keep_weights else None
