@@ -17,6 +17,11 @@ MAX_PARALLEL = typer.Option(None, help="Folds at once (local default 1; ray defa
 NO_WAIT = typer.Option(False, "--no-wait", help="Leave folds that another process holds (exit 3) instead of waiting "
                        "for them.")
 RETRIES = typer.Option(2, help="Retries of a failed fold (bad input is never retried).")
+NODE_CACHE = typer.Option(None, help="Node-local folder (e.g. /local/scratch/milbench): one slide cache per node, "
+                          "filled by the first worker that reads a slide and memory-mapped by every worker of the node "
+                          "(the features in RAM once per node; docs/cluster.md).")
+NODE_CACHE_GB = typer.Option(64.0, help="Disk the --node-cache may fill (GiB); least recently used slides go "
+                             "first, a larger slide is read directly.")
 COMPILE = typer.Option(False, "--compile", help="CUDA: torch.compile each model's hot blocks (about a minute per "
                        "model and worker; CrossFusion's step 12.6 -> 9.4 ms, docs/performance.md).")
 

@@ -15,6 +15,8 @@ from milbench.cli.options import (
     GPUS_PER_FOLD,
     MAX_PARALLEL,
     NO_WAIT,
+    NODE_CACHE,
+    NODE_CACHE_GB,
     RAY_ADDRESS,
     RETRIES,
     check_device,
@@ -48,6 +50,8 @@ def run(
     gpus_per_fold: Optional[float] = GPUS_PER_FOLD,
     cpus_per_fold: int = CPUS_PER_FOLD,
     max_parallel: Optional[int] = MAX_PARALLEL,
+    node_cache: Optional[Path] = NODE_CACHE,
+    node_cache_gb: float = NODE_CACHE_GB,
     compile_: bool = COMPILE,
     no_wait: bool = NO_WAIT,
 ) -> None:
@@ -69,7 +73,8 @@ def run(
                   f"protocol {protocol}; {len(todo)} fold(s) to run, {skipped} already complete in {runs_dir}")
     report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold,
                    save_checkpoints=save_checkpoints, executor=executor, max_parallel=max_parallel,
-                   ray_address=ray_address, gpus_per_fold=gpus_per_fold, compile=compile_, wait=not no_wait)
+                   ray_address=ray_address, gpus_per_fold=gpus_per_fold, node_cache=node_cache,
+                   node_cache_gb=node_cache_gb, compile=compile_, wait=not no_wait)
     if skipped or report.count("trained"):
         _print_leaderboard(runs_dir, cohorts={the_cohort.name}, models=set(model))
     finish(jobs, runs_dir, report)
@@ -91,8 +96,8 @@ def grid(
     cpus_per_fold: int = CPUS_PER_FOLD,
     max_parallel: Optional[int] = MAX_PARALLEL,
     retries: int = RETRIES,
-    node_cache: Optional[Path] = typer.Option(None, help="Node-local folder: each node copies the feature files of "
-                                              "its folds there once and reads them from there."),
+    node_cache: Optional[Path] = NODE_CACHE,
+    node_cache_gb: float = NODE_CACHE_GB,
     cache_gb: Optional[float] = typer.Option(None, help="Memory each worker may fill with cached slides (GiB; "
                                              "default: no limit, every slide of its cohort stays in memory)."),
     runs_dir: Path = typer.Option(Path("runs"), help="Run store (shared by all nodes)."),
@@ -122,7 +127,8 @@ def grid(
                   f"{skipped} already complete in {runs_dir}", highlight=False)
     report = drive(jobs, todo, runs_dir, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
                    max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold, retries=retries,
-                   node_cache=node_cache, cache_gb=cache_gb, compile=compile_, wait=not no_wait)
+                   node_cache=node_cache, node_cache_gb=node_cache_gb, cache_gb=cache_gb, compile=compile_,
+                   wait=not no_wait)
     finish(jobs, runs_dir, report)
 
 
@@ -154,6 +160,8 @@ def benchmark(
     cpus_per_fold: int = CPUS_PER_FOLD,
     max_parallel: Optional[int] = MAX_PARALLEL,
     retries: int = RETRIES,
+    node_cache: Optional[Path] = NODE_CACHE,
+    node_cache_gb: float = NODE_CACHE_GB,
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     compile_: bool = COMPILE,
     no_wait: bool = NO_WAIT,
@@ -205,7 +213,8 @@ def benchmark(
     if todo:
         report = drive(jobs, todo, runs, console, device=device, cpus_per_fold=cpus_per_fold, executor=executor,
                        max_parallel=max_parallel, ray_address=ray_address, gpus_per_fold=gpus_per_fold,
-                       retries=retries, compile=compile_, wait=not no_wait)
+                       retries=retries, node_cache=node_cache, node_cache_gb=node_cache_gb, compile=compile_,
+                       wait=not no_wait)
     if spec.kind == "tcga":
         print_paper(console, runs)
     if report is not None:

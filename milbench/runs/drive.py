@@ -73,8 +73,8 @@ def _outcome_line(o: Outcome) -> str:
 def drive(jobs: list[FoldJob], todo: list[FoldJob], runs_dir: Path, console: Console, *, device: str = "auto",
           cpus_per_fold: int = 1, save_checkpoints: bool = False, executor: str = "local",
           max_parallel: int | None = None, ray_address: str | None = None, gpus_per_fold: float | None = None,
-          retries: int = 2, node_cache: Path | None = None, cache_gb: float | None = None,
-          compile: bool = False, wait: bool = True, poll_s: float = POLL_S) -> Report:
+          retries: int = 2, node_cache: Path | None = None, node_cache_gb: float = 64.0,
+          cache_gb: float | None = None, compile: bool = False, wait: bool = True, poll_s: float = POLL_S) -> Report:
     """Write the plan, run ``todo`` on ``executor`` under a live grid table, then print what happened.
 
     A fold held by another live driver is waited for (polled every ``poll_s``) and taken over when that driver's
@@ -83,8 +83,11 @@ def drive(jobs: list[FoldJob], todo: list[FoldJob], runs_dir: Path, console: Con
     check_executor(executor, max_parallel, ray_address, gpus_per_fold, cpus_per_fold)
     if cache_gb is not None and cache_gb <= 0:
         raise MilbenchError(f"--cache-gb must be positive, not {cache_gb}")
+    if node_cache is not None and node_cache_gb <= 0:
+        raise MilbenchError(f"--node-cache-gb must be positive, not {node_cache_gb}")
     opts = RunOptions(str(Path(runs_dir).resolve()), device, cpus_per_fold, save_checkpoints, driver=driver_id(),
                       node_cache=str(Path(node_cache).expanduser().resolve()) if node_cache else None,
+                      node_cache_bytes=int(node_cache_gb * 2**30),
                       cache_bytes=int(cache_gb * 2**30) if cache_gb else None, compile=compile)
     runs = Path(opts.runs_dir)
     plan = json.loads(write_plan(runs, jobs, executor, max_parallel).read_text())

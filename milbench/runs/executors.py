@@ -22,7 +22,6 @@ Threads: CPU results depend on the torch thread count (the order of float reduct
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
 import signal
@@ -33,17 +32,16 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from milbench import MilbenchError
-from milbench.files import atomic_copy, write_json
+from milbench.files import write_json
 from milbench.data.cache import FeatureCache
-from milbench.data.readers import locate_feature_file
-from milbench.models.registry import get_card
+from milbench.data.node_cache import NodeCache
 from milbench.runs.claims import Claim, ClaimInfo, claim_path, failure_path, process_id, resume_path
 from milbench.runs.jobs import CohortSpec, FoldJob, RunOptions
 from milbench.runs.schedule import longest_first
@@ -77,33 +75,30 @@ class Outcome:
 _WORKER: dict[str, Any] = {}  # the cohort this process trained last, with its feature cache
 
 
-def _worker_cohort(spec: CohortSpec, cache_bytes: int | None) -> tuple[Cohort, FeatureCache]:
+def _worker_cohort(spec: CohortSpec, cache_bytes: int | None,
+                   node_cache: NodeCache | None = None) -> tuple[Cohort, FeatureCache]:
     """The cohort of ``spec`` and its feature cache, kept per process: a worker that trains several folds of one
-    cohort and backbone reads each slide once; moving to another cohort drops the previous one's cache."""
-    if _WORKER.get("spec") != spec:
+    cohort and backbone reads each slide once; moving to another cohort drops the previous one's cache. With a
+    ``node_cache`` the slides are read through it (each written to the node's disk once, memory-mapped by every
+    worker of the node), and this process keeps only the mappings."""
+    if _WORKER.get("spec") != spec or _WORKER.get("node_cache") != node_cache:
         _WORKER.clear()
-        _WORKER.update(spec=spec, cohort=spec.resolve(), cache=FeatureCache(max_bytes=cache_bytes))
+        _WORKER.update(spec=spec, cohort=spec.resolve(), node_cache=node_cache,
+                       cache=FeatureCache(max_bytes=cache_bytes, node_cache=node_cache))
     return _WORKER["cohort"], _WORKER["cache"]
 
 
-def stage_features(cohort: Cohort, job: FoldJob, node_cache: Path) -> Cohort:
-    """The cohort reading its features from ``node_cache``, into which the feature files of the fold's slides (at
-    the model's scales) are copied first, each once per node (atomically: concurrent workers may both copy)."""
-    root = cohort.require_features_root()
-    staged = Path(node_cache) / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    train, held_out = cohort.folds[job.fold]
-    scales = get_card(job.cfg.model).scales
-    for case in [*train, *held_out]:
-        for slide in cohort.slides_of(case):
-            for scale in scales:
-                source = locate_feature_file(root, scale, slide, cohort.backbone)
-                if source is None:
-                    continue  # reading it reports the missing file as usual
-                target = staged / source.relative_to(root)
-                if not target.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_copy(source, target)
-    return replace(cohort, features_root=staged)
+def node_cache_of(opts: RunOptions) -> NodeCache | None:
+    """The node's shared slide cache that ``opts`` names (one per process and folder), or None."""
+    if not opts.node_cache:
+        return None
+    key = (opts.node_cache, opts.node_cache_bytes)
+    if _NODE_CACHES.get("key") != key:
+        _NODE_CACHES.update(key=key, cache=NodeCache(opts.node_cache, opts.node_cache_bytes))
+    return _NODE_CACHES["cache"]
+
+
+_NODE_CACHES: dict[str, Any] = {}
 
 
 @contextmanager
@@ -165,9 +160,7 @@ def run_fold(job: FoldJob, opts: RunOptions, attempt: int = 0, progress: Progres
             shutil.rmtree(leftover, ignore_errors=True)
         try:
             with _torch_threads(opts.threads), memory_share(resolve_device(opts.device), gpu_fraction):
-                cohort, cache = _worker_cohort(job.cohort, opts.cache_bytes)
-                if opts.node_cache:
-                    cohort = stage_features(cohort, job, Path(opts.node_cache))
+                cohort, cache = _worker_cohort(job.cohort, opts.cache_bytes, node_cache_of(opts))
                 result = fit_fold(cohort, job.cfg, job.fold, device=opts.device, cache=cache,
                                   progress=_noting(claim, ckpt, progress), keep_weights=opts.save_checkpoints,
                                   compile=opts.compile, resume_path=ckpt, gpu_fraction=gpu_fraction)

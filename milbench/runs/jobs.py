@@ -88,7 +88,8 @@ class RunOptions:
     save_checkpoints: bool = False
     stale_after: float = CLAIM_STALE_S
     driver: str = ""
-    node_cache: str | None = None  # copy the fold's feature files here (node-local disk) and read them there
+    node_cache: str | None = None  # node-local folder of the node's shared slide cache (milbench.data.node_cache)
+    node_cache_bytes: int = 64 * 2**30  # its size limit on disk (least recently used slides removed first)
     cache_bytes: int | None = None  # memory budget of each worker's slide cache (None: unlimited)
     compile: bool = False  # CUDA: torch.compile each model's hot blocks (docs/performance.md)
 

@@ -148,16 +148,22 @@ def test_cohort_spec_paths_are_absolute(synth_dir, monkeypatch):
     assert spec.backbone is None and CohortSpec.of("synthetic_coarse").source == "synthetic_coarse"
 
 
-def test_node_cache_copies_the_folds_feature_files_once_and_gives_the_same_result(synth_dir, tmp_path):
+def test_node_cache_writes_each_slide_once_and_gives_the_same_result(synth_dir, tmp_path):
     (job,) = _jobs(synth_dir, [0])
     node = tmp_path / "node"
     assert run_fold(job, RunOptions(str(tmp_path / "shared"))).status == "trained"
-    assert run_fold(job, RunOptions(str(tmp_path / "staged"), node_cache=str(node))).status == "trained"
-    copied = sorted(p.relative_to(node).parts[1:] for p in node.rglob("*.h5"))
-    slides = sorted(p.name for p in (synth_dir / "features" / "x20" / "h5_files").glob("*.h5"))
-    assert copied == [("x20", "h5_files", s) for s in slides]  # amil reads 20x only
+    assert run_fold(job, RunOptions(str(tmp_path / "cached"), node_cache=str(node))).status == "trained"
+    cache = runner.node_cache_of(RunOptions("", node_cache=str(node)))
+    slides = sorted((synth_dir / "features" / "x20" / "h5_files").glob("*.h5"))  # amil reads 20x only
+    assert cache.writes == len(slides) and len(cache.entries()) == len(slides)
+    slides_held = [value for value, _ in runner._WORKER["cache"]._items.values() if isinstance(value, tuple)]
+    assert slides_held and all(mapped for _, mapped in slides_held)  # this worker holds the node's mappings only
     rel = f"{job.rel}/fold_0/predictions.csv"
-    assert (tmp_path / "shared" / rel).read_bytes() == (tmp_path / "staged" / rel).read_bytes()
+    assert (tmp_path / "shared" / rel).read_bytes() == (tmp_path / "cached" / rel).read_bytes()
+    runner._WORKER.clear()  # a fresh worker of the same node: reads every slide from the node's cache
+    assert run_fold(job, RunOptions(str(tmp_path / "again"), node_cache=str(node))).status == "trained"
+    assert cache.writes == len(slides) and cache.hits == len(slides)
+    assert (tmp_path / "shared" / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes()
 
 
 def test_the_compile_option_reaches_the_fold(synth_dir, tmp_path, monkeypatch):
