@@ -279,7 +279,13 @@ def test_cli_writes_the_asked_formats(store, tmp_path):
                "--metric", "uno_c", "--bootstrap", "50", "--paired-bootstrap", "200", "--baseline", "amil",
                "--pooled", "cross-fold", "--test", "ttest", "--adjust", "cohort", "--posthoc", "wilcoxon-holm")
     assert res.returncode == 0, res.stderr
-    assert sorted(p.suffix for p in (tmp_path / "lb").iterdir()) == [".csv"] * 10 + [".md", ".pdf", ".png"]
+    names = sorted(p.name for p in (tmp_path / "lb").iterdir())
+    assert [n for n in names if n.endswith(".csv")] and "leaderboard.md" in names and "paper.md" not in names
+    assert len([n for n in names if n.endswith(".csv")]) == 10
+    cd = [n for n in names if n.startswith("cd-")]
+    assert sorted(n.rsplit(".", 1)[1] for n in cd) == ["pdf", "png"]  # the critical-difference diagram
+    km = [n for n in names if n.startswith("km_crossfusion_")]  # CrossFusion's Kaplan-Meier plots (the paper comparison)
+    assert km and {n.rsplit(".", 1)[1] for n in km} == {"pdf", "png"}
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "C-index (Uno, IPCW)" in md and "across folds (labelled option)" in md
     assert "reference AMIL (lr=0.001) (--baseline)" in md and "within each cohort and backbone" in md
