@@ -15,17 +15,27 @@ CLI = [sys.executable, "-m", "milbench.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-def milbench(*args, cwd=None, timeout=300):
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=ENV)
+def milbench(*args, cwd=None, timeout=300, env=None):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**ENV, **(env or {})})
 
 
 def _custom(synth_dir):
     return ["--cohort", synth_dir / "cohort.csv", "--splits", synth_dir / "splits", "--features", synth_dir / "features"]
 
 
-def test_models_lists_amil():
-    res = milbench("models")
-    assert res.returncode == 0 and "amil" in res.stdout and "1,314,053" in res.stdout
+def test_models_and_cohorts_fit_80_columns():
+    """Every built-in model with its reference parameter count (AMIL: 789,765 at 1024 -> 0.79, 1,314,053 -> 1.31),
+    every line within 80 columns, no name cut short."""
+    from milbench.models.cards import BUILTIN
+
+    res = milbench("models", env={"COLUMNS": "80"})
+    assert res.returncode == 0 and "0.79 / 1.31" in res.stdout
+    assert all(len(line) <= 80 for line in res.stdout.splitlines())
+    assert all(f" {name} " in res.stdout for name in BUILTIN) and "…" not in res.stdout
+    res = milbench("cohorts", env={"COLUMNS": "80"})
+    assert res.returncode == 0 and "tcga_brca" in res.stdout and "synthetic_cross-scale" in res.stdout
+    assert all(len(line) <= 80 for line in res.stdout.splitlines()) and "…" not in res.stdout
 
 
 def test_unknown_model_is_one_line_exit_2(synth_dir, tmp_path):
