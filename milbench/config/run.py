@@ -13,13 +13,12 @@ and the run configuration has one flat set of scalar fields that a dataclass che
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from milbench import MilbenchError
+from milbench import MilbenchError, did_you_mean
 from milbench.files import stable_hash
 
 PROTOCOLS = ("fixed", "inner-val", "best-val")
@@ -130,9 +129,7 @@ def _example(name: str) -> str:
 
 def unknown_key(key: str, valid: list[str]) -> MilbenchError:
     """The error for a key that is neither a run field nor an option of the model, with the closest names."""
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return MilbenchError(f"--set {key}: {hint}valid keys are {', '.join(valid)}")
+    return MilbenchError(f"--set {key}: {did_you_mean(key, valid)}valid keys are {', '.join(valid)}")
 
 
 def make_config(model: str, cohort: str, recipe: str = "paper", overrides: dict[str, Any] | None = None) -> RunConfig:

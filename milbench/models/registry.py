@@ -9,7 +9,6 @@ its entry point; every other model keeps working.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import sys
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable
 
-from milbench import MilbenchError
+from milbench import MilbenchError, did_you_mean
 from milbench.models.cards import BUILTIN, BUILTIN_CARDS, ModelCard
 
 if TYPE_CHECKING:
@@ -89,9 +88,7 @@ def model_names() -> list[str]:
 def unknown_model(name: str) -> MilbenchError:
     """The error for a model name that is not registered, with the closest names."""
     names = model_names()
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return MilbenchError(f"unknown model '{name}': {hint}choose one of {', '.join(names)} (see `milbench models`)")
+    return MilbenchError(f"unknown model '{name}': {did_you_mean(name, names)}choose one of {', '.join(names)} (see `milbench models`)")
 
 
 def get_card(name: str) -> ModelCard:

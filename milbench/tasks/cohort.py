@@ -7,7 +7,6 @@ A cohort is named three ways: a path to a CSV table (a custom cohort), ``synthet
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from milbench import MilbenchError
+from milbench import MilbenchError, did_you_mean
 from milbench.data.readers import available_scales, candidate_paths, locate_feature_file, slide_stem
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship")
@@ -310,12 +309,6 @@ def _from_table(name: str, table_path: Path, splits: str | Path | None, features
     return Cohort(name=name, table=table, folds=folds, features_root=Path(features) if features else None,
                   backbone=backbone, oracle_risk=_oracle(table), protocol_note=note, table_path=table_path,
                   splits_dir=splits_dir, features_help=features_help)
-
-
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """``"did you mean 'x'? "`` for the closest of ``choices``, or ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"did you mean '{close[0]}'? " if close else ""
 
 
 def cohort_names() -> list[str]:

@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from milbench import MilbenchError
+from milbench import MilbenchError, did_you_mean
 from milbench.files import write_json
 
 GENERATOR_VERSION = 1
@@ -136,11 +136,7 @@ def oracle_risk(scenario: str, latents: dict[str, float]) -> float:
 
 def _check_scenario(scenario: str) -> str:
     if scenario not in SCENARIOS:
-        import difflib
-
-        close = difflib.get_close_matches(scenario, SCENARIOS, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise MilbenchError(f"unknown synthetic scenario '{scenario}': {hint}choose one of {', '.join(SCENARIOS)}")
+        raise MilbenchError(f"unknown synthetic scenario '{scenario}': {did_you_mean(scenario, SCENARIOS)}choose one of {', '.join(SCENARIOS)}")
     return scenario
 
 
