@@ -21,7 +21,7 @@ from milbench.models.registry import create_model, get_card
 from milbench.runs.claims import CLAIM_STALE_S
 from milbench.runs.store import find_record, run_dir
 from milbench.tasks.cohort import Cohort, resolve_cohort
-from milbench.training.datasets import BagDataset
+from milbench.training.datasets import coords_reason, no_coords
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,11 @@ class RunOptions:
 
 
 def expand(spec: CohortSpec, cohort: Cohort, configs: list[RunConfig], folds: list[int] | None) -> list[FoldJob]:
-    """Every wanted fold of every config on one cohort, after checking that the cohort has those folds."""
-    wanted = sorted(cohort.folds) if folds is None else folds
-    missing = [f for f in wanted if f not in cohort.folds]
-    if missing:
-        raise MilbenchError(f"cohort '{cohort.name}' has folds {sorted(cohort.folds)}; --folds asked for {missing}")
-    return [FoldJob(spec, cfg, f) for cfg in configs for f in wanted]
+    """Every wanted fold of every config on one cohort, after checking those folds
+    (:func:`milbench.tasks.inputs.check_folds`: present, each held-out fold with an event)."""
+    from milbench.tasks.inputs import check_folds
+
+    return [FoldJob(spec, cfg, f) for cfg in configs for f in check_folds(cohort, folds)]
 
 
 def plan(jobs: list[FoldJob], runs_dir: Path) -> tuple[list[FoldJob], int]:
@@ -195,6 +194,7 @@ def build_jobs(models: Sequence[str], specs: Sequence[CohortSpec], folds: list[i
         get_card(m)  # an unknown model fails first, with the closest names
     shares = model_overrides(models, overrides)
     jobs: list[FoldJob] = []
+    built: set[str] = set()
     seen: dict[tuple[str, str], str] = {}
     for spec in specs:
         cohort = spec.resolve()
@@ -208,26 +208,29 @@ def build_jobs(models: Sequence[str], specs: Sequence[CohortSpec], folds: list[i
         configs = [make_config(m, cohort.name, rec, {**shares[m], "backbone": backbone,
                                                     "inputs": inputs.fingerprints(get_card(m).scales)})
                    for m in models]
-        jobs += expand(spec, cohort, configs, folds)
-    check_options(jobs)
+        for cfg in configs:
+            check_options(cfg, inputs.dim, built)
+            card = get_card(cfg.model)
+            if coords_reason(card):  # the headers say which files lack the coordinates this model needs
+                lacking = next((h for (_, scale), h in inputs.headers.items()
+                                if scale in card.scales and h.coords is None), None)
+                if lacking is not None:
+                    raise no_coords(lacking.path, card)
+        jobs += [FoldJob(spec, cfg, f) for cfg in configs for f in inputs.folds]
     return jobs
 
 
-def check_options(jobs: list[FoldJob]) -> None:
-    """Build each distinct model configuration once, here, so a bad option fails before anything is submitted."""
-    built: set[str] = set()
-    for job in jobs:
-        key = json.dumps([job.cfg.model, job.cfg.n_bins, job.cfg.model_options], sort_keys=True, default=str)
-        if key in built:
-            continue
-        built.add(key)
-        cohort: Cohort = job.cohort.resolve()
-        card = get_card(job.cfg.model)
-        in_dim = BagDataset(cohort, cohort.patients.index[:1].tolist(), card.scales, card=card).in_dim
-        try:
-            create_model(job.cfg.model, in_dim=in_dim, n_bins=job.cfg.n_bins, **job.cfg.model_options)
-        except (TypeError, ValueError, AssertionError) as err:
-            shown = ", ".join(f"{k}={v!r}" for k, v in job.cfg.model_options.items()) or "its defaults"
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise MilbenchError(f"model '{job.cfg.model}' cannot be built with {shown} ({first}): check the value "
-                                f"of each --set option") from None
+def check_options(cfg: RunConfig, in_dim: int, built: set[str]) -> None:
+    """Build the model of ``cfg`` at the cohort's feature width (read from the headers), once per distinct model
+    configuration in ``built``, so a bad option fails before anything is submitted."""
+    key = json.dumps([cfg.model, in_dim, cfg.n_bins, cfg.model_options], sort_keys=True, default=str)
+    if key in built:
+        return
+    built.add(key)
+    try:
+        create_model(cfg.model, in_dim=in_dim, n_bins=cfg.n_bins, **cfg.model_options)
+    except (TypeError, ValueError, AssertionError) as err:
+        shown = ", ".join(f"{k}={v!r}" for k, v in cfg.model_options.items()) or "its defaults"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise MilbenchError(f"model '{cfg.model}' cannot be built with {shown} ({first}): check the value of each "
+                            f"--set option") from None

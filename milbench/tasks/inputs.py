@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from milbench import MilbenchError
 from milbench.data.headers import FileHeader, read_header
-from milbench.data.readers import candidate_paths, locate_feature_file
+from milbench.data.readers import locate_feature_file
 from milbench.files import stable_hash
 from milbench.tasks.cohort import Cohort
 
@@ -24,7 +24,8 @@ class Inputs:
     """The checked inputs of one cohort: feature width, every file's header per (slide, scale), fingerprints."""
 
     cohort: Cohort
-    dim: int | None
+    folds: list[int]
+    dim: int | None = None
     headers: dict[tuple[str, str], FileHeader] = field(default_factory=dict)
 
     def fingerprints(self, scales: Sequence[str]) -> dict[str, str]:
@@ -57,20 +58,16 @@ def check_folds(cohort: Cohort, folds: Sequence[int] | None) -> list[int]:
 
 def inspect_inputs(cohort: Cohort, scales: Sequence[str], folds: Sequence[int] | None = None) -> Inputs:
     """Check every feature file of the slides the requested folds read, at ``scales``, by its header alone."""
-    wanted = check_folds(cohort, folds)
-    cases = {c for k in wanted for part in cohort.folds[k] for c in part}
+    inputs = Inputs(cohort, check_folds(cohort, folds))
+    cohort.check_features(scales)  # every absent file, counted and named, before any header is read
+    cases = {c for k in inputs.folds for part in cohort.folds[k] for c in part}
     root = cohort.require_features_root()
-    inputs = Inputs(cohort, None)
     first: FileHeader | None = None
-    missing: list[str] = []
     for slide, case in zip(cohort.table["slide_id"], cohort.table["case_id"]):
         if case not in cases:
             continue
         for scale in scales:
             path = locate_feature_file(root, scale, slide, cohort.backbone)
-            if path is None:
-                missing.append(str(candidate_paths(root, scale, slide, cohort.backbone)[0]))
-                continue
             header = read_header(path)
             if first is None:
                 first = header
@@ -78,9 +75,5 @@ def inspect_inputs(cohort: Cohort, scales: Sequence[str], folds: Sequence[int] |
                 raise MilbenchError(f"{path} has {header.dim} features per patch but {first.path} has {first.dim}: "
                                     f"every slide must come from the same encoder; re-extract it or remove the slide")
             inputs.headers[(slide, scale)] = header
-    if missing:
-        raise MilbenchError(f"{len(missing)} feature file(s) of cohort '{cohort.name}' are missing (e.g. "
-                            f"{', '.join(missing[:3])}): check --features/--backbone, or exclude those slides with "
-                            f"--exclude-missing")
     inputs.dim = None if first is None else first.dim
     return inputs

@@ -23,7 +23,7 @@ from milbench.training.prepare import prepare_bag
 _FEATURE_SPACE_GRAPHS = ("latent",)  # graph kinds built from features alone (see graphs.py)
 
 
-def _coords_reason(card: ModelCard | None) -> str | None:
+def coords_reason(card: ModelCard | None) -> str | None:
     """Why the card needs coordinates, or None when it does not."""
     if card is None:
         return None
@@ -34,6 +34,12 @@ def _coords_reason(card: ModelCard | None) -> str | None:
     if "graph" in card.needs and (card.graph_kind or "spatial") not in _FEATURE_SPACE_GRAPHS:
         return f"a {card.graph_kind or 'spatial'} patch graph"
     return None
+
+
+def no_coords(path: object, card: ModelCard) -> MilbenchError:
+    """The error for a feature file without coordinates read for a model that needs them."""
+    return MilbenchError(f"{path} has no coordinates, but model '{card.name}' needs {coords_reason(card)}: use CLAM "
+                         f"h5_files (features + coords) instead of pt_files")
 
 
 def tensor_bytes(obj: object, depth: int = 0) -> int:
@@ -65,7 +71,7 @@ class BagDataset(Dataset):
         self.cache = cache if cache is not None else FeatureCache.shared()
         self.root = cohort.require_features_root()
         cohort.labels(self.case_ids)  # rejects case IDs the cohort does not know
-        self._coords_reason = _coords_reason(card)
+        self._coords_reason = coords_reason(card)
         self._reference: tuple[int, str, str] | None = None  # (width, slide, scale) every slide must match
 
     def __len__(self) -> int:
@@ -105,9 +111,7 @@ class BagDataset(Dataset):
             if lacking is None:
                 coords[scale] = parts[0].coords if len(parts) == 1 else torch.cat([p.coords for p in parts])
             elif self._coords_reason:
-                raise MilbenchError(
-                    f"{lacking.path} has no coordinates, but model '{self.card.name}' needs {self._coords_reason}: "
-                    f"use CLAM h5_files (features + coords) instead of pt_files")
+                raise no_coords(lacking.path, self.card)
         return Bag(case_id=case_id, features=features, slide_index=slide_index, coords=coords)
 
     def _prepared(self, case_id: str) -> Bag:

@@ -281,6 +281,7 @@ CASES = [
     # feature files, CLAM pt
     Case("pt-missing", missing_file, (SLIDE,), layout="pt"),
     Case("pt-dict-without-features", pt_dict_without_features, (SLIDE, "features"), layout="pt"),
+    Case("pt-no-coords-for-a-graph-model", opt(model="patchgcn"), ("patchgcn", "no coordinates", ".pt"), layout="pt"),
     Case("pt-features-1d", pt_one_dimensional, (SLIDE,), layout="pt"),
     Case("pt-nan", pt_nan, (SLIDE,), layout="pt"),
     Case("pt-corrupt", pt_corrupt, (SLIDE,), layout="pt"),
