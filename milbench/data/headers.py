@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from milbench import MilbenchError
-from milbench.data.readers import FIX, READ_ERRORS, one_line
+from milbench.data.readers import FIX, READ_ERRORS, check_shape, load_pt, one_line
 
 
 @dataclass(frozen=True)
@@ -26,17 +26,19 @@ class FileHeader:
     coords: int | None
 
 
-def _shape_2d(shape: tuple[int, ...], kind: str, what: str, path: Path) -> tuple[int, int]:
-    while len(shape) == 3 and shape[0] == 1:  # TRIDENT and some pt files keep a batch axis
-        shape = shape[1:]
+def _numeric(kind: str, what: str, path: Path) -> None:
     if kind not in "fiu":
         raise MilbenchError(f"{what} in {path} are not numbers (dtype kind '{kind}'): {FIX}")
-    if len(shape) != 2:
-        raise MilbenchError(f"{what} in {path} have shape {tuple(shape)}, expected [patches, dim]: {FIX}")
-    return int(shape[0]), int(shape[1])
 
 
-def _h5_header(path: Path) -> tuple[tuple[int, int], int | None]:
+def _unbatched(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """TRIDENT and some pt files keep a batch axis of one: [1, N, D] -> [N, D]."""
+    while len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    return tuple(int(n) for n in shape)
+
+
+def _h5_header(path: Path) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     import h5py
 
     try:
@@ -45,52 +47,34 @@ def _h5_header(path: Path) -> tuple[tuple[int, int], int | None]:
             if not isinstance(feats, h5py.Dataset):
                 held = ", ".join(f.keys()) or "nothing"
                 raise MilbenchError(f"{path} has no 'features' dataset (it has: {held}): {FIX}")
-            shape = _shape_2d(feats.shape, feats.dtype.kind, "features", path)
+            _numeric(feats.dtype.kind, "features", path)
             coords = f.get("coords")
-            n_coords = None
+            xy = None
             if isinstance(coords, h5py.Dataset):
-                n, width = _shape_2d(coords.shape, coords.dtype.kind, "coords", path)
-                if width != 2:
-                    raise MilbenchError(f"coords in {path} have shape {coords.shape}, expected [patches, 2]: {FIX}")
-                n_coords = n
-            if feats.id.get_storage_size() == 0 and shape[0] * shape[1]:
+                _numeric(coords.dtype.kind, "coords", path)
+                xy = _unbatched(coords.shape)
+            if feats.id.get_storage_size() == 0 and feats.size:
                 raise MilbenchError(f"{path} has an empty 'features' payload: {FIX}")
-            return shape, n_coords
+            return _unbatched(feats.shape), xy
     except READ_ERRORS as err:
         raise MilbenchError(f"cannot read {path} ({one_line(err)}): {FIX}") from err
 
 
-def _pt_header(path: Path) -> tuple[tuple[int, int], int | None]:
+def _pt_header(path: Path) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except READ_ERRORS as err:
-        raise MilbenchError(f"cannot read {path} ({one_line(err)}): {FIX}") from err
-    coords = None
-    if isinstance(obj, dict):
-        if "features" not in obj:
-            raise MilbenchError(f"{path} holds a dict without 'features' (keys: {', '.join(map(str, obj))}): {FIX}")
-        obj, coords = obj["features"], obj.get("coords")
-    if not isinstance(obj, torch.Tensor):
-        raise MilbenchError(f"{path} holds a {type(obj).__name__}, not a features tensor: {FIX}")
-    kind = "f" if obj.is_floating_point() else ("b" if obj.dtype == torch.bool else "i")
-    shape = _shape_2d(tuple(obj.shape), kind, "features", path)
-    n_coords = None
-    if isinstance(coords, torch.Tensor):
-        n_coords, width = _shape_2d(tuple(coords.shape), "i", "coords", path)
-        if width != 2:
-            raise MilbenchError(f"coords in {path} have shape {tuple(coords.shape)}, expected [patches, 2]: {FIX}")
-    return shape, n_coords
+    feats, coords = load_pt(path, mmap=True)
+    if not isinstance(feats, torch.Tensor):
+        raise MilbenchError(f"{path} holds a {type(feats).__name__}, not a features tensor: {FIX}")
+    _numeric("f" if feats.is_floating_point() else ("b" if feats.dtype == torch.bool else "i"), "features", path)
+    xy = _unbatched(tuple(coords.shape)) if isinstance(coords, torch.Tensor) else None
+    return _unbatched(tuple(feats.shape)), xy
 
 
 def read_header(path: Path) -> FileHeader:
     """The header of one feature file, checked: 2-D numeric features with at least one patch, coords as long as the
     features when present. Every problem is a one-line error naming the file."""
     path = Path(path)
-    (patches, dim), coords = _h5_header(path) if path.suffix == ".h5" else _pt_header(path)
-    if patches == 0 or dim == 0:
-        raise MilbenchError(f"{path} has zero patches (features shape ({patches}, {dim})): {FIX}")
-    if coords is not None and coords != patches:
-        raise MilbenchError(f"{path} has {coords} coords but {patches} feature rows: {FIX}")
-    return FileHeader(path, path.stat().st_size, patches, dim, coords)
+    features, coords = _h5_header(path) if path.suffix == ".h5" else _pt_header(path)
+    check_shape(path, features, coords)
+    return FileHeader(path, path.stat().st_size, features[0], features[1], None if coords is None else coords[0])

@@ -126,9 +126,11 @@ def _load_h5(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise MilbenchError(f"cannot read {path} ({one_line(err)}): {FIX}") from err
 
 
-def _load_pt(path: Path) -> tuple[object, object | None]:
+def load_pt(path: Path, mmap: bool = False) -> tuple[object, object | None]:
+    """(features, coords or None) of a ``.pt`` file: a tensor, or a dict with ``features`` (and ``coords``);
+    ``mmap`` reads only the tensors' metadata until their values are touched (the header check)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except READ_ERRORS as err:
         raise MilbenchError(f"cannot read {path} ({one_line(err)}): {FIX}") from err
     if isinstance(obj, dict):  # some extractors save {"features": ..., "coords": ...}
@@ -151,12 +153,24 @@ def _as_tensor(values: object, what: str, path: Path) -> torch.Tensor:
     return tensor
 
 
+def check_shape(path: Path, features: tuple[int, ...], coords: tuple[int, ...] | None) -> None:
+    """Features [patches, dim] with at least one patch, coords (when present) [patches, 2]: the shape checks that
+    reading a slide and reading its header (:mod:`milbench.data.headers`) share."""
+    if len(features) != 2:
+        raise MilbenchError(f"features in {path} have shape {tuple(features)}, expected [patches, dim]: {FIX}")
+    if features[0] == 0 or features[1] == 0:
+        raise MilbenchError(f"{path} has zero patches (features shape {tuple(features)}): {FIX}")
+    if coords is not None:
+        if len(coords) != 2 or coords[1] != 2:
+            raise MilbenchError(f"coords in {path} have shape {tuple(coords)}, expected [patches, 2]: {FIX}")
+        if coords[0] != features[0]:
+            raise MilbenchError(f"{path} has {coords[0]} coords but {features[0]} feature rows: {FIX}")
+
+
 def _validate(features: object, coords: object | None, path: Path) -> SlideFeatures:
     feats = _as_tensor(features, "features", path)
-    if feats.ndim != 2:
-        raise MilbenchError(f"features in {path} have shape {tuple(feats.shape)}, expected [patches, dim]: {FIX}")
-    if feats.shape[0] == 0 or feats.shape[1] == 0:
-        raise MilbenchError(f"{path} has zero patches (features shape {tuple(feats.shape)}): {FIX}")
+    xy = None if coords is None else _as_tensor(coords, "coords", path)
+    check_shape(path, tuple(feats.shape), None if xy is None else tuple(xy.shape))
     if feats.is_floating_point():
         bad = ~torch.isfinite(feats).all(dim=1)
         if bad.any():
@@ -165,13 +179,7 @@ def _validate(features: object, coords: object | None, path: Path) -> SlideFeatu
     half = feats.to(torch.float16)
     if feats.dtype != torch.float16 and not torch.isfinite(half).all():
         raise MilbenchError(f"{path} has feature values beyond half precision (|x| > 65504): rescale them or {FIX}")
-    xy = None
-    if coords is not None:
-        xy = _as_tensor(coords, "coords", path)
-        if xy.ndim != 2 or xy.shape[1] != 2:
-            raise MilbenchError(f"coords in {path} have shape {tuple(xy.shape)}, expected [patches, 2]: {FIX}")
-        if xy.shape[0] != feats.shape[0]:
-            raise MilbenchError(f"{path} has {xy.shape[0]} coords but {feats.shape[0]} feature rows: {FIX}")
+    if xy is not None:
         if xy.is_floating_point() and not torch.isfinite(xy).all():
             raise MilbenchError(f"{path} has NaN or infinite coords: {FIX}")
         xy = xy.round().long() if xy.is_floating_point() else xy.long()
@@ -181,7 +189,7 @@ def _validate(features: object, coords: object | None, path: Path) -> SlideFeatu
 def read_slide(root: str | Path, scale: str | int, slide_id: str, backbone: str | None = None) -> SlideFeatures:
     """Read and validate one slide's features (float16 [N, D]) and coords (long [N, 2] or None) at one scale."""
     path = find_feature_file(root, scale, slide_id, backbone)
-    features, coords = _load_h5(path) if path.suffix == ".h5" else _load_pt(path)
+    features, coords = _load_h5(path) if path.suffix == ".h5" else load_pt(path)
     return _validate(features, coords, path)
 
 
