@@ -392,16 +392,20 @@ def paired_bootstrap_table(time: ArrayLike, event: ArrayLike, risks: Mapping[str
     out = []
     for a, b in comparisons:
         ia, ib = names.index(a), names.index(b)
-        low = high = se = p = float("nan")
-        n_valid = 0
-        if reps.shape[1]:
-            d = reps[ia] - reps[ib]  # same replicate weights and same pairs: the denominators cancel exactly
-            n_valid = int(np.isfinite(d).sum())
-            low, high, se = _interval(d, level)
-            p = _bootstrap_p(d)
+        low, high, se, p, n_valid = paired_replicates(reps, ia, ib, level)
         out.append(PairedBootstrap(a, b, float(c[ia] - c[ib]), low, high, p, float(c[ia]), float(c[ib]), se,
                                    int(round(den[0])), n_boot, n_valid, seed, level, pairs, reason=reason))
     return out
+
+
+def paired_replicates(reps: np.ndarray, ia: int, ib: int, level: float) -> tuple[float, float, float, float, int]:
+    """(low, high, se, p, valid replicates) of the difference of rows ``ia`` and ``ib`` of bootstrap replicates drawn
+    with the same weights for both models; NaN (0 valid) without replicates."""
+    if not reps.shape[1]:
+        return float("nan"), float("nan"), float("nan"), float("nan"), 0
+    d = reps[ia] - reps[ib]  # same replicate weights and same pairs: the denominators cancel exactly
+    low, high, se = _interval(d, level)
+    return low, high, se, _bootstrap_p(d), int(np.isfinite(d).sum())
 
 
 def paired_bootstrap_c(time: ArrayLike, event: ArrayLike, risk_a: Risks, risk_b: Risks, group: Groups | None,

@@ -40,12 +40,12 @@ from milbench.survival.comparisons import (
     PAIRS_KINDS,
     BootstrapC,
     PairedBootstrap,
-    _bootstrap_p,
     _check_boot,
     _group_codes,
     _interval,
     _stratified_weights,
     _survival_inputs,
+    paired_replicates,
 )
 from milbench.survival.metrics import TIED_TOL
 
@@ -333,13 +333,7 @@ def paired_metric_table(parts: Parts, comparisons: Sequence[tuple[str, str]], n_
     out = []
     for a, b in comparisons:
         ia, ib = names.index(a), names.index(b)
-        low = high = se = p = float("nan")
-        n_valid = 0
-        if reps.shape[1]:
-            d = reps[ia] - reps[ib]
-            n_valid = int(np.isfinite(d).sum())
-            low, high, se = _interval(d, level)
-            p = _bootstrap_p(d)
+        low, high, se, p, n_valid = paired_replicates(reps, ia, ib, level)
         diff = float(point[ia] - point[ib])
         reason = "" if np.isfinite(diff) else f"{parts.metric} undefined on these patients"
         out.append(PairedBootstrap(a, b, diff, low, high, p, float(point[ia]), float(point[ib]), se,
