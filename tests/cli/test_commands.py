@@ -99,3 +99,12 @@ def test_run_then_leaderboard_recomputes_from_predictions(synth_dir, tmp_path):
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "amil" in md and "0.999" not in md
 
+
+
+def test_debug_shows_the_traceback_the_plain_error_hides(synth_dir, tmp_path):
+    """README: bad input is one plain line, exit 2; `--debug` shows the traceback instead."""
+    args = ("run", "--model", "amil", *_custom(synth_dir), "--runs-dir", tmp_path, "--set", "lr=fast")
+    plain = milbench(*args)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    debug = milbench("--debug", *args)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "lr must be a number" in debug.stderr
